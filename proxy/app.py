@@ -1,0 +1,92 @@
+"""make_app(settings): wires the proxy's parts together; tests and the CLI both call it.
+
+Long-lived resources are owned by cleanup contexts, created on start and closed on stop in
+reverse order: the upstream session, then the token manager and its refresh task.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from .config import Settings
+from .forward import UPSTREAM, Upstream, forward
+from .logs import AccessLogger
+from .tokens import TokenManager
+
+SETTINGS = web.AppKey("settings", Settings)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+TOKENS = web.AppKey("tokens", TokenManager)
+
+
+def upstream_ssl(settings: Settings) -> ssl.SSLContext | bool:
+    if settings.insecure:
+        return False
+    if settings.ca_bundle is not None:
+        return ssl.create_default_context(cafile=str(settings.ca_bundle))
+    return True
+
+
+def make_session(settings: Settings) -> aiohttp.ClientSession:
+    """The one upstream session: no cookie jar, no decompression, idle timeouts only."""
+    connector = aiohttp.TCPConnector(
+        limit=settings.pool_size, ssl=upstream_ssl(settings), enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        # No total timeout: downloads and event streams may last for hours.
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+        ),
+        # Send only what the client sent: no default User-Agent, Accept or Accept-Encoding.
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        trust_env=True,  # HTTPS_PROXY / NO_PROXY for corporate proxies
+        max_line_size=65536,
+        max_field_size=65536,
+    )
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    session = make_session(settings)
+    app[SESSION] = session
+    yield
+    await session.close()
+
+
+async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    assert settings.token is not None, "config.load guarantees a token outside demo mode"
+    tokens = TokenManager(
+        app[SESSION], settings.cluster, settings.token,
+        default_lifetime=settings.token_lifetime, client_id=settings.client_id,
+        client_secret=settings.client_secret, tenant=settings.tenant,
+    )
+    app[TOKENS] = tokens
+    app[UPSTREAM] = Upstream(settings, app[SESSION], tokens, str(settings.cluster).rstrip("/"))
+    tokens.start()
+    yield
+    await tokens.stop()
+
+
+def make_app(settings: Settings) -> web.Application:
+    """The proxy as an aiohttp application."""
+    app = web.Application(handler_args={
+        # Limits on what a client may send before it is refused (431/400), memory bounded.
+        "max_line_size": settings.max_line_size,
+        "max_field_size": settings.max_field_size,
+        "max_headers": settings.max_headers,
+        # A client that goes away cancels its handler, which closes the upstream request.
+        "handler_cancellation": True,
+        "access_log_class": AccessLogger,
+    })
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_tokens_ctx)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return app

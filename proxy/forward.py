@@ -1,0 +1,244 @@
+"""The catch-all handler: send the request to the cluster with a bearer token, stream the answer back.
+
+Bodies stream both ways and are never read whole. A request body small enough to replay is kept
+while it is sent, so a 401 can be answered by refreshing the token and sending it once more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import hdrs, web
+from yarl import URL
+
+from .config import Settings
+from .errors import proxy_error
+from .headers import client_response_headers, upstream_request_headers
+from .tokens import AccessToken, TokenError, TokenManager
+
+log = logging.getLogger("squirro_proxy.forward")
+
+REQUEST_ID = "X-Request-ID"
+_REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+# Keys the handler leaves on the request for the access log and metrics.
+RETRIED = "squirro_proxy.retried"
+UPSTREAM_LATENCY = "squirro_proxy.upstream_latency"
+BYTES_IN = "squirro_proxy.bytes_in"
+BYTES_OUT = "squirro_proxy.bytes_out"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """What the handler needs, built once at start-up."""
+
+    settings: Settings
+    session: aiohttp.ClientSession
+    tokens: TokenManager
+    base: str  # scheme://host[:port]/prefix, without a trailing slash
+
+
+UPSTREAM = web.AppKey("upstream", Upstream)
+
+
+class BodyTee:
+    """Streams a request body and keeps a copy while it stays within `limit` bytes.
+
+    After a 401 the kept part is sent again, followed by whatever the client has not sent yet;
+    once the body outgrows the limit the copy is dropped and the body can no longer be replayed.
+    """
+
+    __slots__ = ("_content", "_kept", "_kept_size", "_limit", "overflow", "size")
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self._limit = limit
+        self._kept: list[bytes] = []
+        self._kept_size = 0
+        self.overflow = False
+        self.size = 0
+
+    async def first(self) -> AsyncIterator[bytes]:
+        while True:
+            chunk = await self._content.readany()
+            if not chunk:
+                return
+            self.size += len(chunk)
+            if not self.overflow:
+                self._kept_size += len(chunk)
+                if self._kept_size > self._limit:
+                    self.overflow = True
+                    self._kept.clear()
+                else:
+                    self._kept.append(chunk)  # before yielding: a cancelled send keeps it
+            yield chunk
+
+    async def replay(self) -> AsyncIterator[bytes]:
+        for chunk in self._kept:
+            yield chunk
+        while True:
+            chunk = await self._content.readany()
+            if not chunk:
+                return
+            self.size += len(chunk)
+            yield chunk
+
+
+async def _stream(content: aiohttp.StreamReader, request: web.Request) -> AsyncIterator[bytes]:
+    """An unreplayable body: straight through, counting bytes."""
+    size = 0
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        yield chunk
+    request[BYTES_IN] = size
+
+
+def request_id(request: web.BaseRequest) -> str:
+    """Keep a well-formed incoming X-Request-ID, otherwise make one."""
+    incoming = request.headers.get(REQUEST_ID)
+    if incoming and len(incoming) <= 128 and _REQUEST_ID_OK.issuperset(incoming):
+        return incoming
+    return os.urandom(12).hex()
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    """Proxy one request to the cluster."""
+    up = request.app[UPSTREAM]
+    raw = request.raw_path
+    if not raw.startswith("/"):
+        # Defence in depth (guard.py refuses these first): the target must never be able to
+        # change the authority of the upstream URL.
+        return proxy_error(400, "bad_request_target", "the request target must be a path")
+    url = URL(up.base + raw, encoded=True)
+    rid = request_id(request)
+
+    tee: BodyTee | None = None
+    if request.body_exists:
+        length = request.content_length
+        if length is None or length <= up.settings.retry_body_limit:
+            tee = BodyTee(request.content, up.settings.retry_body_limit)
+            body: object = tee.first()
+        else:
+            body = _stream(request.content, request)
+    else:
+        body = None
+
+    try:
+        token = await up.tokens.token()
+    except TokenError as exc:
+        return _token_error(exc)
+
+    started = time.monotonic()
+    try:
+        resp = await _send(up, request, url, token.value, body, rid)
+        replayable = body is None or (tee is not None and not tee.overflow)
+        if resp.status == 401 and replayable:
+            resp.release()
+            try:
+                token = await up.tokens.refresh_after_401(token)
+            except TokenError as exc:
+                return _token_error(exc)
+            request[RETRIED] = True
+            body = tee.replay() if tee is not None else None
+            started = time.monotonic()
+            resp = await _send(up, request, url, token.value, body, rid)
+    except aiohttp.ConnectionTimeoutError:
+        return proxy_error(
+            504, "cluster_connect_timeout",
+            f"could not connect to the cluster at {url.host}:{url.port} within "
+            f"{up.settings.connect_timeout:g} s (--connect-timeout)",
+        )
+    except asyncio.TimeoutError:
+        return proxy_error(
+            504, "cluster_timeout",
+            f"the cluster did not answer within {up.settings.read_timeout:g} s "
+            "(--read-timeout)",
+        )
+    except aiohttp.ClientConnectorError as exc:
+        return proxy_error(
+            502, "cluster_unreachable",
+            f"cannot connect to the cluster at {url.host}:{url.port}: "
+            f"{exc.os_error.strerror or exc.os_error.__class__.__name__}",
+        )
+    except aiohttp.ClientError as exc:
+        return proxy_error(
+            502, "cluster_connection_failed",
+            f"the connection to the cluster failed before it answered ({exc.__class__.__name__})",
+        )
+    request[UPSTREAM_LATENCY] = time.monotonic() - started
+    if tee is not None:
+        request[BYTES_IN] = tee.size
+
+    try:
+        out = await _relay(up, request, resp, rid)
+    except BaseException:
+        resp.close()  # unfinished: the connection cannot go back to the pool
+        raise
+    resp.release()
+    return out
+
+
+async def _send(
+    up: Upstream, request: web.Request, url: URL, bearer: str, body: object, rid: str
+) -> aiohttp.ClientResponse:
+    headers = upstream_request_headers(
+        request.headers, bearer, forward_cookies=up.settings.forward_cookies,
+        extra=((REQUEST_ID, rid),),
+    )
+    return await up.session.request(
+        request.method, url, headers=headers, data=body, allow_redirects=False,
+    )
+
+
+async def _relay(
+    up: Upstream, request: web.Request, resp: aiohttp.ClientResponse, rid: str
+) -> web.StreamResponse:
+    headers = client_response_headers(
+        resp.headers, cluster=up.settings.cluster, proxy_base=f"{request.scheme}://{request.host}",
+        forward_cookies=up.settings.forward_cookies,
+    )
+    headers[REQUEST_ID] = rid
+    out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+    await out.prepare(request)
+    content = resp.content
+    sent = 0
+    request[BYTES_OUT] = 0
+    while True:
+        try:
+            chunk = await content.readany()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
+                asyncio.TimeoutError) as exc:
+            # The cluster broke off mid-body. Ending the response cleanly would hand the client
+            # a truncated body that looks complete: drop the client connection instead.
+            log.warning("the cluster broke off the response to %s %s (%s); closing the client "
+                        "connection", request.method, request.path, exc.__class__.__name__)
+            if request.transport is not None:
+                request.transport.abort()
+            return out
+        if not chunk:
+            break
+        sent += len(chunk)
+        request[BYTES_OUT] = sent
+        try:
+            await out.write(chunk)
+        except ConnectionError:
+            log.debug("the client went away during %s %s", request.method, request.path)
+            resp.close()
+            return out
+    await out.write_eof()
+    return out
+
+
+def _token_error(exc: TokenError) -> web.Response:
+    retry_after = str(max(1, round(exc.retry_after or 1)))
+    if exc.final:
+        return proxy_error(503, "token_rejected", exc.reason, headers={"Retry-After": "60"})
+    return proxy_error(503, "token_unavailable", exc.reason, headers={"Retry-After": retry_after})

@@ -27,10 +27,10 @@ log = logging.getLogger("squirro_proxy.forward")
 REQUEST_ID = "X-Request-ID"
 _REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 # Keys the handler leaves on the request for the access log and metrics.
-RETRIED = "squirro_proxy.retried"
-UPSTREAM_LATENCY = "squirro_proxy.upstream_latency"
-BYTES_IN = "squirro_proxy.bytes_in"
-BYTES_OUT = "squirro_proxy.bytes_out"
+RETRIED = web.RequestKey("retried", bool)
+UPSTREAM_LATENCY = web.RequestKey("upstream_latency", float)
+BYTES_IN = web.RequestKey("bytes_in", int)
+BYTES_OUT = web.RequestKey("bytes_out", int)
 
 
 @dataclass(frozen=True, slots=True)

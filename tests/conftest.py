@@ -1,0 +1,94 @@
+"""Fixtures: a fake cluster on loopback and the proxy in front of it, both real servers."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from yarl import URL
+
+from proxy.app import TOKENS, make_app
+from proxy.config import Secret, Settings
+from tests.fakes import REFRESH_TOKEN, FakeCluster
+
+
+@dataclasses.dataclass
+class Running:
+    """A started proxy: its URL, its app (for the token manager) and its settings."""
+
+    url: URL
+    server: TestServer
+    settings: Settings
+
+    @property
+    def app(self) -> Any:
+        return self.server.app
+
+    @property
+    def tokens(self) -> Any:
+        return self.server.app[TOKENS]
+
+
+@pytest.fixture
+def cluster() -> FakeCluster:
+    return FakeCluster()
+
+
+@pytest.fixture
+async def cluster_url(cluster: FakeCluster) -> AsyncIterator[URL]:
+    server = TestServer(cluster.app(), host="127.0.0.1")
+    await server.start_server()
+    yield URL(f"http://127.0.0.1:{server.port}")
+    await server.close()
+
+
+def proxy_settings(cluster_url: URL | str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "cluster": URL(str(cluster_url)),
+        "token": Secret(REFRESH_TOKEN),
+        "port": 0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+StartProxy = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def start_proxy(cluster_url: URL) -> AsyncIterator[StartProxy]:
+    """Start a proxy in front of the fake cluster; keyword arguments override Settings."""
+    servers: list[TestServer] = []
+
+    async def start(wait_token: bool = True, **overrides: Any) -> Running:
+        settings = proxy_settings(overrides.pop("cluster", cluster_url), **overrides)
+        server = TestServer(make_app(settings), host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        running = Running(URL(f"http://127.0.0.1:{server.port}"), server, settings)
+        if wait_token:
+            await running.tokens.wait_first()
+        return running
+
+    yield start
+    for server in reversed(servers):
+        await server.close()
+
+
+@pytest.fixture
+async def proxy(start_proxy: StartProxy) -> Running:
+    """The proxy with default settings, its first token already in."""
+    return await start_proxy()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain HTTP client with no cookie jar and no decompression (sees bytes as sent)."""
+    async with aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
+    ) as session:
+        yield session

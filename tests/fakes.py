@@ -1,0 +1,218 @@
+"""A fake Squirro cluster that really listens on loopback, for the proxy to talk to in tests.
+
+It counts every call, so tests can prove single flight, retries and that a refused request never
+reached the cluster. Behaviour is steered by plain attributes a test sets before or during a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+SEEN = web.RequestKey("seen", "Seen")  # type: ignore[arg-type]
+REFRESH_TOKEN = "refresh-token-abcdefghijklmnop"
+TOKEN_PATH = "/api/user/oauth2/token"
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """Deterministic bytes of any size (for byte-exact body checks)."""
+    block = hashlib.sha256(f"block-{seed}".encode()).digest() * 2048  # 64 KiB
+    reps, rest = divmod(size, len(block))
+    return block * reps + block[:rest]
+
+
+@dataclass
+class Seen:
+    method: str
+    raw_path: str
+    headers: list[tuple[str, str]]
+    body_size: int = 0
+    body_sha256: str = ""
+
+
+@dataclass
+class FakeCluster:
+    """State and knobs of the fake cluster."""
+
+    refresh_token: str = REFRESH_TOKEN
+    lifetime: float | None = 600  # expires_in sent; None: omit it
+    rotate: bool = False  # answer each exchange with a new refresh token
+    same_token_times: int = 0  # hand back the previous access token this many times
+    token_delay: float = 0.0
+    # Statuses to answer the next exchanges with (popped first), e.g. [503, 503] or [404].
+    token_statuses: list[int] = field(default_factory=list)
+    token_down: bool = False  # answer every exchange with 503
+    token_calls: int = 0
+    token_forms: list[dict[str, str]] = field(default_factory=list)
+    tokens: dict[str, float] = field(default_factory=dict)  # access token -> expiry (monotonic)
+    last_token: str | None = None
+    requests: list[Seen] = field(default_factory=list)
+    reject_all: bool = False  # answer 401 to every API call whatever the token
+    hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    _counter: itertools.count = field(default_factory=itertools.count)  # type: ignore[type-arg]
+
+    # --- helpers for tests ----------------------------------------------------------------
+
+    def revoke_access_tokens(self) -> None:
+        """Make every access token issued so far invalid (the next API call gets 401)."""
+        self.tokens.clear()
+
+    def api_requests(self) -> list[Seen]:
+        return [r for r in self.requests if not r.raw_path.endswith(TOKEN_PATH)]
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    async def token(self, request: web.Request) -> web.Response:
+        self.token_calls += 1
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        self.token_forms.append(form)
+        if self.token_delay:
+            await asyncio.sleep(self.token_delay)
+        if self.token_statuses:
+            status = self.token_statuses.pop(0)
+            if status != 200:
+                return web.json_response({"error": "fake", "code": status}, status=status)
+        if self.token_down:
+            return web.json_response({"error": "down"}, status=503)
+        if form.get("grant_type") != "refresh_token" or "refresh_token" not in form:
+            return web.json_response({"error": "bad request"}, status=400)
+        if form["refresh_token"] != self.refresh_token:
+            return web.json_response({"error": "invalid refresh token"}, status=404)
+        if self.same_token_times > 0 and self.last_token is not None:
+            self.same_token_times -= 1
+            access = self.last_token
+        else:
+            access = f"access-{next(self._counter)}-{secrets.token_hex(12)}"
+        lifetime = self.lifetime if self.lifetime is not None else 600
+        self.tokens[access] = time.monotonic() + lifetime
+        self.last_token = access
+        body: dict[str, Any] = {
+            "access_token": access,
+            "refresh_token": self.refresh_token,
+            "user_id": "user-1234",
+            "session_id": "session-1",
+            "role": "admin",
+            "tenant": "squirro_test",
+        }
+        if self.rotate:
+            self.refresh_token = f"refresh-rotated-{secrets.token_hex(12)}"
+            body["refresh_token"] = self.refresh_token
+        if self.lifetime is not None:
+            body["expires_in"] = self.lifetime
+        return web.json_response(body)
+
+    def authorized(self, request: web.Request) -> bool:
+        if self.reject_all:
+            return False
+        values = request.headers.getall("Authorization", [])
+        if len(values) != 1 or not values[0].startswith("Bearer "):
+            return False
+        expiry = self.tokens.get(values[0][7:])
+        return expiry is not None and expiry > time.monotonic()
+
+    @web.middleware
+    async def record(self, request: web.Request, handler: Callable[..., Any]) -> Any:
+        seen = Seen(request.method, request.raw_path, list(request.headers.items()))
+        self.requests.append(seen)
+        request[SEEN] = seen
+        if not request.path.endswith(TOKEN_PATH) and not self.authorized(request):
+            # Drain nothing: a real cluster answers 401 before reading a large body.
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return await handler(request)
+
+    async def echo(self, request: web.Request) -> web.Response:
+        """Answer with what arrived: method, raw path, headers in order, body hash and size."""
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+        seen = request[SEEN]
+        seen.body_size, seen.body_sha256 = size, digest.hexdigest()
+        hook = self.hooks.get("echo")
+        if hook is not None:
+            return await hook(request)  # type: ignore[no-any-return]
+        return web.json_response({
+            "method": request.method,
+            "raw_path": request.raw_path,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body_size": size,
+            "body_sha256": digest.hexdigest(),
+        })
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        """`size` deterministic bytes; chunked unless `length=1`."""
+        size = int(request.query.get("size", "1024"))
+        chunk = int(request.query.get("chunk", str(256 * 1024)))
+        resp = web.StreamResponse()
+        resp.content_type = "application/octet-stream"
+        if request.query.get("length") == "1":
+            resp.content_length = size
+        await resp.prepare(request)
+        block = pattern(chunk)
+        sent = 0
+        while sent < size:
+            piece = block[: min(chunk, size - sent)]
+            await resp.write(piece)
+            sent += len(piece)
+        await resp.write_eof()
+        return resp
+
+    async def drop(self, request: web.Request) -> web.StreamResponse:
+        """Promise a body, send part of it, then break the connection."""
+        resp = web.StreamResponse()
+        if request.query.get("length") == "1":
+            resp.content_length = 100_000
+        await resp.prepare(request)
+        await resp.write(b"x" * 10_000)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
+    async def sse(self, request: web.Request) -> web.StreamResponse:
+        count = int(request.query.get("count", "5"))
+        interval = float(request.query.get("interval", "0.1"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for n in range(count):
+            await resp.write(f"id: {n}\ndata: {time.time():.6f}\n\n".encode())
+            await asyncio.sleep(interval)
+        await resp.write_eof()
+        return resp
+
+    async def status(self, request: web.Request) -> web.Response:
+        code = int(request.match_info["code"])
+        headers = dict(request.query)
+        return web.Response(status=code, headers=headers,
+                            body=None if code in (204, 304) else b"status body")
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        return ws
+
+    def app(self, prefix: str = "") -> web.Application:
+        """The fake as an aiohttp app; `prefix` mounts it under a path (`/squirro`)."""
+        app = web.Application(middlewares=[self.record], client_max_size=1024**4)
+        app.router.add_post(prefix + TOKEN_PATH, self.token)
+        app.router.add_get(prefix + "/download", self.download)
+        app.router.add_get(prefix + "/drop", self.drop)
+        app.router.add_get(prefix + "/sse", self.sse)
+        app.router.add_get(prefix + "/ws", self.websocket)
+        app.router.add_route("*", prefix + "/status/{code}", self.status)
+        app.router.add_route("*", "/{tail:.*}", self.echo)
+        return app

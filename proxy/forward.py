@@ -7,6 +7,7 @@ while it is sent, so a 401 can be answered by refreshing the token and sending i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -139,17 +140,22 @@ async def forward(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     try:
         resp = await _send(up, request, url, token.value, body, rid)
-        replayable = body is None or (tee is not None and not tee.overflow)
-        if resp.status == 401 and replayable:
-            resp.release()
-            try:
-                token = await up.tokens.refresh_after_401(token)
-            except TokenError as exc:
-                return _token_error(exc)
-            request[RETRIED] = True
-            body = tee.replay() if tee is not None else None
-            started = time.monotonic()
-            resp = await _send(up, request, url, token.value, body, rid)
+        if resp.status == 401:
+            if body is None or (tee is not None and not tee.overflow):
+                resp.release()
+                try:
+                    token = await up.tokens.refresh_after_401(token)
+                except TokenError as exc:
+                    return _token_error(exc)
+                request[RETRIED] = True
+                body = tee.replay() if tee is not None else None
+                started = time.monotonic()
+                resp = await _send(up, request, url, token.value, body, rid)
+            else:
+                # The streamed body is gone and cannot be sent again: the client gets the 401,
+                # but only after the refresh, so that its next attempt carries the new token.
+                with contextlib.suppress(TokenError):
+                    await up.tokens.refresh_after_401(token)
     except aiohttp.ConnectionTimeoutError:
         return proxy_error(
             504, "cluster_connect_timeout",

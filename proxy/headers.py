@@ -49,13 +49,16 @@ def upstream_request_headers(
     """Headers for the cluster: the client's, minus hop-by-hop and our own, plus the bearer."""
     named = connection_named(incoming)
     out: CIMultiDict[str] = CIMultiDict()
+    spelling: dict[str, str] = {}
     for name, value in incoming.items():
         lname = name.lower()
         if lname in HOP_BY_HOP or lname in REQUEST_OWN or lname in named:
             continue
         if not forward_cookies and lname == COOKIE_REQUEST:
             continue
-        out.add(name, value)
+        # Repeats keep the first spelling of the name: aiohttp's client merges headers by exact
+        # spelling and would let a later "x-multi" replace earlier "X-Multi" values.
+        out.add(spelling.setdefault(lname, name), value)
     for name, value in extra:
         out[name] = value
     out[hdrs.AUTHORIZATION] = "Bearer " + bearer

@@ -25,7 +25,7 @@ def _h(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
         ([("Host", "localhost:8080"), ("Expect", "100-continue")], []),
         ([("Authorization", "Basic dXNlcjpwYXNz"), ("Authorization", "Bearer client")], []),
         ([("X-Multi", "a"), ("x-multi", "b"), ("X-Multi", "c")],
-         [("X-Multi", "a"), ("x-multi", "b"), ("X-Multi", "c")]),
+         [("X-Multi", "a"), ("X-Multi", "b"), ("X-Multi", "c")]),
         ([("Cookie", "other_app=secret")], []),
     ],
 )

@@ -135,7 +135,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     try:
         token = await up.tokens.token()
     except TokenError as exc:
-        return _token_error(exc)
+        return token_error(exc)
 
     started = time.monotonic()
     try:
@@ -146,7 +146,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
                 try:
                     token = await up.tokens.refresh_after_401(token)
                 except TokenError as exc:
-                    return _token_error(exc)
+                    return token_error(exc)
                 request[RETRIED] = True
                 body = tee.replay() if tee is not None else None
                 started = time.monotonic()
@@ -156,29 +156,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
                 # but only after the refresh, so that its next attempt carries the new token.
                 with contextlib.suppress(TokenError):
                     await up.tokens.refresh_after_401(token)
-    except aiohttp.ConnectionTimeoutError:
-        return proxy_error(
-            504, "cluster_connect_timeout",
-            f"could not connect to the cluster at {url.host}:{url.port} within "
-            f"{up.settings.connect_timeout:g} s (--connect-timeout)",
-        )
-    except asyncio.TimeoutError:
-        return proxy_error(
-            504, "cluster_timeout",
-            f"the cluster did not answer within {up.settings.read_timeout:g} s "
-            "(--read-timeout)",
-        )
-    except aiohttp.ClientConnectorError as exc:
-        return proxy_error(
-            502, "cluster_unreachable",
-            f"cannot connect to the cluster at {url.host}:{url.port}: "
-            f"{exc.os_error.strerror or exc.os_error.__class__.__name__}",
-        )
-    except aiohttp.ClientError as exc:
-        return proxy_error(
-            502, "cluster_connection_failed",
-            f"the connection to the cluster failed before it answered ({exc.__class__.__name__})",
-        )
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return upstream_failure(exc, url, up.settings)
     request[UPSTREAM_LATENCY] = time.monotonic() - started
     if tee is not None:
         request[BYTES_IN] = tee.size
@@ -190,6 +169,36 @@ async def forward(request: web.Request) -> web.StreamResponse:
         raise
     resp.release()
     return out
+
+
+def upstream_failure(
+    exc: aiohttp.ClientError | asyncio.TimeoutError, url: URL, settings: Settings
+) -> web.Response:
+    """The proxy's answer when the cluster could not be reached or did not answer in time.
+
+    Also used for the WebSocket handshake (websocket.py), which fails the same ways.
+    """
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return proxy_error(
+            504, "cluster_connect_timeout",
+            f"could not connect to the cluster at {url.host}:{url.port} within "
+            f"{settings.connect_timeout:g} s (--connect-timeout)",
+        )
+    if isinstance(exc, asyncio.TimeoutError):
+        return proxy_error(
+            504, "cluster_timeout",
+            f"the cluster did not answer within {settings.read_timeout:g} s (--read-timeout)",
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return proxy_error(
+            502, "cluster_unreachable",
+            f"cannot connect to the cluster at {url.host}:{url.port}: "
+            f"{exc.os_error.strerror or exc.os_error.__class__.__name__}",
+        )
+    return proxy_error(
+        502, "cluster_connection_failed",
+        f"the connection to the cluster failed before it answered ({exc.__class__.__name__})",
+    )
 
 
 async def _send(
@@ -243,7 +252,7 @@ async def _relay(
     return out
 
 
-def _token_error(exc: TokenError) -> web.Response:
+def token_error(exc: TokenError) -> web.Response:
     retry_after = str(max(1, round(exc.retry_after or 1)))
     if exc.final:
         return proxy_error(503, "token_rejected", exc.reason, headers={"Retry-After": "60"})

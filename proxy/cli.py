@@ -176,8 +176,9 @@ async def _start_sites(runner: web.AppRunner, settings: Settings) -> list[str]:
 
 
 async def _start_unix_site(runner: web.AppRunner, path: Path) -> Path:
-    if path.is_socket():
-        path.unlink()  # left over from a previous run
+    # Start-up only, before anything is served: a blocking stat is harmless here.
+    if path.is_socket():  # noqa: ASYNC240
+        path.unlink()  # noqa: ASYNC240 (left over from a previous run)
     # Create the socket with mode 0600 from the start: chmod afterwards leaves a window.
     old = os.umask(0o177)
     try:

@@ -334,13 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for opt in OPTIONS:
         where = f"[env {opt.env}]" if opt.env else ""
-        shown = opt.default
-        if opt.kind == "bool":
-            default_text = ""
-        elif shown in (None, ()):
-            default_text = ""
-        else:
-            default_text = f"[default {shown}]"
+        hidden = opt.kind == "bool" or opt.default in (None, ())
+        default_text = "" if hidden else f"[default {opt.default}]"
         help_text = " ".join(x for x in (opt.help, where, default_text) if x)
         if opt.kind == "bool":
             parser.add_argument(opt.flag, dest=opt.name, action="store_const", const="true",
@@ -388,7 +383,7 @@ def load(
             continue
         try:
             if opt.kind == "list":
-                items = raw if isinstance(raw, list) else [p for p in raw.split(",")]
+                items = raw if isinstance(raw, list) else raw.split(",")
                 values[opt.name] = tuple(opt.parse(x) for x in items if x.strip())
             else:
                 values[opt.name] = opt.parse(raw)

@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-DEMO_REFRESH_TOKEN = "demo-user-token-0123456789"
+DEMO_REFRESH_TOKEN = "demo-user-token-0123456789"  # noqa: S105 (public demo value)
 DEMO_TENANT = "squirro_demo"
 DEMO_LIFETIME = 30  # seconds: short, so the proxy's refreshes show in its log
 
@@ -71,7 +72,7 @@ async def token(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def require_bearer(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def require_bearer(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path == "/api/user/oauth2/token":
         return await handler(request)
     auth = request.headers.get("Authorization", "")
@@ -106,8 +107,11 @@ async def items(request: web.Request) -> web.Response:
 async def chat(request: web.Request) -> web.StreamResponse:
     """Server-sent events, one word at a time, like the GenAI chat stream."""
     question = request.query.get("query", "What is squirro-proxy?")
-    answer = ("squirro-proxy keeps a fresh access token and forwards every request, so tools "
-              "without OAuth support can use the Squirro API.").split()
+    answer = [
+        "squirro-proxy", "keeps", "a", "fresh", "access", "token", "and", "forwards", "every",
+        "request,", "so", "tools", "without", "OAuth", "support", "can", "use", "the",
+        "Squirro", "API.",
+    ]
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -152,6 +156,7 @@ async def start_demo_cluster(lifetime: int = DEMO_LIFETIME) -> tuple[web.AppRunn
 def try_commands(proxy_url: str) -> list[str]:
     return [
         f"curl -s {proxy_url}/api/topic/v0/{DEMO_TENANT}/projects",
-        f"curl -s {proxy_url}/api/topic/v0/{DEMO_TENANT}/projects/{_PROJECTS[0]['id']}/items?count=3",
+        f"curl -s '{proxy_url}/api/topic/v0/{DEMO_TENANT}/projects/{_PROJECTS[0]['id']}"
+        "/items?count=3'",
         f"curl -sN '{proxy_url}/service/genai/chat/stream?query=hello'",
     ]

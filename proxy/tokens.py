@@ -23,7 +23,7 @@ from .redact import REDACTOR
 
 log = logging.getLogger("squirro_proxy.tokens")
 
-TOKEN_PATH = "/api/user/oauth2/token"
+TOKEN_PATH = "/api/user/oauth2/token"  # noqa: S105 (a path, not a secret)
 # Refresh when this share of the lifetime has passed; the jitter keeps many proxies started
 # together from refreshing in lockstep.
 REFRESH_FRACTION = 0.8

@@ -171,3 +171,12 @@ def test_help_names_every_setting_variable_and_default() -> None:
             assert f"[env {opt.env}]" in text
     assert "[default 8080]" in text and "[default 127.0.0.1]" in text
     assert "[default 600.0]" in text
+
+
+def test_readme_documents_every_setting() -> None:
+    """The README's configuration table names every flag and variable (no drift)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for opt in OPTIONS:
+        assert f"`{opt.flag}" in readme, opt.flag
+        if opt.env:
+            assert f"`{opt.env}`" in readme, opt.env

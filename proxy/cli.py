@@ -20,6 +20,7 @@ from yarl import URL
 from . import demo
 from .app import TOKENS, make_app, make_session
 from .config import ConfigError, Secret, Settings, load
+from .connection import ProxyAppRunner
 from .logs import configure
 from .tokens import Identity, TokenError, TokenManager, TokenRejected
 
@@ -113,7 +114,8 @@ async def serve(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT (exit 0) or until the cluster refuses the token at start-up."""
     settings, demo_runner = await _with_demo(settings)
     app = make_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.shutdown_grace)
+    runner = ProxyAppRunner(app, header_timeout=settings.header_timeout, handle_signals=False,
+                            shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
     try:
         urls = await _start_sites(runner, settings)
@@ -124,31 +126,36 @@ async def serve(settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
 
         first = asyncio.ensure_future(tokens.wait_first())
-        done, _ = await asyncio.wait({first}, timeout=FIRST_TOKEN_WAIT)
-        where = f"listening on {', '.join(urls)}, forwarding to {settings.cluster}"
-        if done and first.exception() is None:
-            log.info("squirro-proxy %s as %s", where, describe(tokens.identity))
-        elif not done:
-            reason = tokens.failure.reason if tokens.failure else "still exchanging"
-            log.info("squirro-proxy %s; waiting for the first access token (%s)", where, reason)
-        if settings.demo and (not done or first.exception() is None):
-            print("\nTry it:\n" + "\n".join(f"  {c}" for c in demo.try_commands(urls[0])) + "\n",
-                  file=sys.stderr, flush=True)
-
         stopper = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({first, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if first.done() and not first.cancelled() and isinstance(first.exception(),
-                                                                 TokenRejected):
-            exc = first.exception()
-            assert isinstance(exc, TokenRejected)
-            log.error("cannot start: %s", exc.reason)
+        try:
+            await asyncio.wait({first, stopper}, timeout=FIRST_TOKEN_WAIT,
+                               return_when=asyncio.FIRST_COMPLETED)
+            where = f"listening on {', '.join(urls)}, forwarding to {settings.cluster}"
+            if not first.done():
+                reason = tokens.failure.reason if tokens.failure else "still exchanging"
+                log.info("squirro-proxy %s; waiting for the first access token (%s)",
+                         where, reason)
+            elif first.exception() is None:
+                log.info("squirro-proxy %s as %s", where, describe(tokens.identity))
+                where = ""
+            if settings.demo and not (first.done() and first.exception()):
+                commands = "\n".join(f"  {c}" for c in demo.try_commands(urls[0]))
+                print(f"\nTry it:\n{commands}\n", file=sys.stderr, flush=True)
+
+            await asyncio.wait({first, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if first.done():
+                exc = first.exception()
+                if isinstance(exc, TokenRejected):
+                    log.error("cannot start: %s", exc.reason)
+                    return EXIT_TOKEN_REJECTED
+                if where:  # the first token came late: say now whom the proxy acts as
+                    log.info("squirro-proxy ready: acting as %s", describe(tokens.identity))
+                await stopper
+        finally:
+            first.cancel()
             stopper.cancel()
-            return EXIT_TOKEN_REJECTED
-        if not stop.is_set():
-            await stopper
         log.info("shutting down: finishing in-flight requests (up to %g s)",
                  settings.shutdown_grace)
-        first.cancel()
         return EXIT_OK
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

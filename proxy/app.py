@@ -14,12 +14,19 @@ from aiohttp import web
 
 from .config import Settings
 from .forward import UPSTREAM, Upstream, forward
+from .guard import defer_expect
+from .guard import install as install_guard
 from .logs import AccessLogger
+from .metrics import METRICS, make_metrics, stats_middleware
+from .ops import add_routes as add_ops_routes
+from .secret_watch import TokenFileWatcher
 from .tokens import TokenManager
 
 SETTINGS = web.AppKey("settings", Settings)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 TOKENS = web.AppKey("tokens", TokenManager)
+KEEPALIVE_TIMEOUT = 75.0
+TOKEN_FILE_WATCHER = web.AppKey("token_file_watcher", TokenFileWatcher)
 
 
 def upstream_ssl(settings: Settings) -> ssl.SSLContext | bool:
@@ -74,6 +81,27 @@ async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
     await tokens.stop()
 
 
+async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Let the collector read the token manager's state at scrape time."""
+    collector = app[METRICS].collector
+    collector.tokens = app[TOKENS]
+    yield
+    collector.tokens = None
+
+
+async def _token_file_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Watch the token file, if the token came from one, for a rotated secret."""
+    settings = app[SETTINGS]
+    if settings.token_file is None or settings.token is None:
+        yield
+        return
+    watcher = TokenFileWatcher(settings.token_file, app[TOKENS], settings.token)
+    app[TOKEN_FILE_WATCHER] = watcher
+    watcher.start()
+    yield
+    await watcher.stop()
+
+
 def make_app(settings: Settings) -> web.Application:
     """The proxy as an aiohttp application."""
     app = web.Application(handler_args={
@@ -81,6 +109,9 @@ def make_app(settings: Settings) -> web.Application:
         "max_line_size": settings.max_line_size,
         "max_field_size": settings.max_field_size,
         "max_headers": settings.max_headers,
+        # Idle keep-alive connections close after nginx's default rather than aiohttp's hour,
+        # so a local client cannot hoard connections (request heads: see connection.py).
+        "keepalive_timeout": KEEPALIVE_TIMEOUT,
         # A client that goes away cancels its handler, which closes the upstream request.
         "handler_cancellation": True,
         "access_log_class": AccessLogger,
@@ -88,5 +119,16 @@ def make_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_tokens_ctx)
-    app.router.add_route("*", "/{tail:.*}", forward)
+    app.cleanup_ctx.append(_metrics_ctx)
+    app.cleanup_ctx.append(_token_file_ctx)
+    metrics = make_metrics(str(settings.cluster))
+    app[METRICS] = metrics
+    # Outermost, so requests the guard refuses are counted too.
+    app.middlewares.insert(0, stats_middleware(metrics.stats))
+    # The /-/ endpoints before the catch-all: that prefix is never forwarded.
+    add_ops_routes(app)
+    # Host, Origin, client token and target checks run before any handler (and before any body
+    # is read); `Expect: 100-continue` is answered only once they passed.
+    install_guard(app, settings)
+    app.router.add_route("*", "/{tail:.*}", forward, expect_handler=defer_expect)
     return app

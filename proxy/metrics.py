@@ -1,0 +1,271 @@
+"""Request and token figures for `/-/metrics` and `/-/status`, one registry per application.
+
+Per-request figures are plain ints and floats that the request's own task updates: the event loop
+is a single thread, so they need no lock, and a request costs a handful of dict and list
+operations. They become Prometheus metric families only when someone scrapes, in a custom
+collector on a registry of the application's own (never the process-wide default registry, so
+several proxies in one process, as in the tests, keep their numbers apart).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .errors import ERROR_HEADER
+from .forward import BYTES_IN, BYTES_OUT, RETRIED, UPSTREAM_LATENCY
+from .redact import mask_query
+from .tokens import TokenManager
+
+# Paths the proxy answers itself; they are not counted, or every probe and scrape would
+# drown the traffic an operator wants to see.
+OPS_PREFIX = "/-/"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BUCKET_LABELS = (*(repr(b) for b in LATENCY_BUCKETS), "+Inf")
+# Percentiles on the status page come from the most recent upstream latencies.
+RECENT_LATENCIES = 2048
+RECENT_ERRORS = 20
+# Methods outside this set are counted as OTHER: a label per invented method would let any
+# client grow the metrics without bound.
+_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
+)
+# status // 100 -> label, precomputed so a request costs no string formatting.
+_STATUS_CLASS = ("other", "1xx", "2xx", "3xx", "4xx", "5xx", "other", "other", "other", "other")
+# A request whose client went away before it was answered.
+CLIENT_CLOSED = "client_closed"
+# Reasons TokenManager files failed refreshes under; always exported, at 0 until one happens, so
+# alert rules on rate() work from the first scrape.
+REFRESH_FAILURE_REASONS = ("400", "403", "404", "410", "http_error", "timeout", "connect", "other")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamError:
+    """A request that failed on the way to or at the cluster, for the status page."""
+
+    at: float  # epoch seconds
+    method: str
+    path: str  # secret-looking query values masked
+    status: int
+    error: str  # the proxy's error code, or "cluster" for an answer the cluster made
+    detail: str
+
+
+class RequestStats:
+    """Counters the request middleware updates; read by the collector and the status page."""
+
+    __slots__ = ("bytes_in", "bytes_out", "in_flight", "latency_buckets", "latency_count",
+                 "latency_sum", "recent_errors", "recent_latencies", "requests", "retried",
+                 "started")
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str], int] = {}  # (method, status class) -> count
+        self.in_flight = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.retried = 0
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # not cumulative; last: +Inf
+        self.latency_sum = 0.0
+        self.latency_count = 0
+        self.recent_latencies: deque[float] = deque(maxlen=RECENT_LATENCIES)
+        self.recent_errors: deque[UpstreamError] = deque(maxlen=RECENT_ERRORS)
+        self.started = time.time()
+
+    def finish(self, request: web.Request, status: int | str,
+               response: web.StreamResponse | None) -> None:
+        """Account for one finished request (status, or CLIENT_CLOSED)."""
+        method = request.method
+        if method not in _METHODS:
+            method = "OTHER"
+        cls = _STATUS_CLASS[status // 100 % 10] if isinstance(status, int) else status
+        key = (method, cls)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        self.bytes_in += request.get(BYTES_IN, 0)
+        self.bytes_out += request.get(BYTES_OUT, 0)
+        if request.get(RETRIED):
+            self.retried += 1
+        latency = request.get(UPSTREAM_LATENCY)
+        if latency is not None:
+            self.latency_buckets[bisect_left(LATENCY_BUCKETS, latency)] += 1
+            self.latency_sum += latency
+            self.latency_count += 1
+            self.recent_latencies.append(latency)
+        if isinstance(status, int) and status >= 500:
+            self._note_error(request, status, response)
+
+    def _note_error(self, request: web.Request, status: int,
+                    response: web.StreamResponse | None) -> None:
+        # Rare path: the cost of looking into the body is fine here.
+        code = response.headers.get(ERROR_HEADER) if response is not None else None
+        detail = response.reason if response is not None else "internal error"
+        if code is not None and isinstance(response, web.Response) and \
+                isinstance(response.body, bytes):
+            with contextlib.suppress(ValueError, AttributeError):
+                detail = str(json.loads(response.body).get("detail", detail))
+        self.recent_errors.append(UpstreamError(
+            time.time(), request.method[:16], mask_query(request.raw_path)[:300], status,
+            code or "cluster", detail[:300],
+        ))
+
+    def percentiles(self, *points: float) -> dict[str, float | None]:
+        """Nearest-rank percentiles (seconds) of the recent upstream latencies."""
+        ordered = sorted(self.recent_latencies)
+        out: dict[str, float | None] = {}
+        for p in points:
+            if not ordered:
+                out[f"p{p:g}"] = None
+                continue
+            rank = max(1, -(-len(ordered) * p // 100))  # ceil without floats going astray
+            out[f"p{p:g}"] = ordered[int(rank) - 1]
+        return out
+
+
+def stats_middleware(stats: RequestStats) -> Middleware:
+    """The outermost middleware: counts every request outside `/-/`, refused ones included."""
+
+    @web.middleware
+    async def count_requests(
+        request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        if request.raw_path.startswith(OPS_PREFIX):
+            return await handler(request)
+        stats.in_flight += 1
+        status: int | str = CLIENT_CLOSED
+        response: web.StreamResponse | None = None
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = 500  # aiohttp answers an unhandled error with 500
+            raise
+        finally:
+            stats.in_flight -= 1
+            stats.finish(request, status, response)
+
+    return count_requests
+
+
+class ProxyCollector(Collector):
+    """Turns the stats and the token manager's state into metric families at scrape time."""
+
+    def __init__(self, stats: RequestStats, cluster: str) -> None:
+        self._stats = stats
+        self._cluster = cluster
+        self.tokens: TokenManager | None = None  # set once the token manager exists
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats
+        info = InfoMetricFamily("squirro_proxy", "The proxy's version and cluster.")
+        info.add_metric([], {"version": __version__, "cluster": self._cluster})
+        yield info
+
+        requests = CounterMetricFamily(
+            "squirro_proxy_requests", "Requests answered, by method and status class "
+            "(client_closed: the client went away first). /-/ endpoints are not counted.",
+            labels=["method", "status_class"],
+        )
+        for (method, cls), count in sorted(stats.requests.items()):
+            requests.add_metric([method, cls], count)
+        yield requests
+        yield GaugeMetricFamily("squirro_proxy_in_flight_requests",
+                                "Requests being handled right now.", value=stats.in_flight)
+        yield CounterMetricFamily("squirro_proxy_received_bytes",
+                                  "Request body bytes received from clients.",
+                                  value=stats.bytes_in)
+        yield CounterMetricFamily("squirro_proxy_sent_bytes",
+                                  "Response body bytes relayed from the cluster to clients.",
+                                  value=stats.bytes_out)
+        yield CounterMetricFamily("squirro_proxy_retries_after_401",
+                                  "Requests sent again with a new token after a 401.",
+                                  value=stats.retried)
+        cumulative, buckets = 0, []
+        for label, count in zip(_BUCKET_LABELS, stats.latency_buckets, strict=True):
+            cumulative += count
+            buckets.append((label, float(cumulative)))
+        yield HistogramMetricFamily(
+            "squirro_proxy_upstream_latency_seconds",
+            "Seconds from sending a request to the cluster to its response headers.",
+            buckets=buckets, sum_value=stats.latency_sum,
+        )
+        yield from self._token_metrics()
+
+    def _token_metrics(self) -> Iterator[Metric]:
+        tokens = self.tokens
+        refreshes = CounterMetricFamily(
+            "squirro_proxy_token_refreshes", "Access token exchanges, by outcome and, for "
+            "failures, reason (HTTP status of the token endpoint, connect, timeout, ...).",
+            labels=["outcome", "reason"],
+        )
+        failed = dict.fromkeys(REFRESH_FAILURE_REASONS, 0)
+        ok = 0
+        if tokens is not None:
+            ok = tokens.refreshes_ok
+            failed.update(tokens.refreshes_failed)
+        refreshes.add_metric(["ok", "ok"], ok)
+        for reason, count in sorted(failed.items()):
+            refreshes.add_metric(["failed", reason], count)
+        yield refreshes
+
+        current = tokens.current if tokens is not None else None
+        left = max(0.0, current.expires_at - time.monotonic()) if current is not None else 0.0
+        yield GaugeMetricFamily(
+            "squirro_proxy_access_token_expires_in_seconds",
+            "Seconds until the current access token expires (0: none held).", value=left,
+        )
+        final = tokens is not None and tokens.failure is not None and tokens.failure.final
+        yield GaugeMetricFamily(
+            "squirro_proxy_ready", "1 when a valid access token is held and the refresh token "
+            "was not refused (what /-/ready answers).", value=1.0 if left > 0 and not final
+            else 0.0,
+        )
+        last_ok = max((e.at for e in tokens.history if e.ok), default=0.0) if tokens else 0.0
+        yield GaugeMetricFamily(
+            "squirro_proxy_last_token_refresh_timestamp_seconds",
+            "When the access token was last exchanged successfully (Unix time; 0: never).",
+            value=last_ok,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """The application's registry, its collector and the request stats behind it."""
+
+    registry: CollectorRegistry
+    collector: ProxyCollector
+    stats: RequestStats
+
+
+def make_metrics(cluster: str) -> Metrics:
+    registry = CollectorRegistry(auto_describe=False)
+    stats = RequestStats()
+    collector = ProxyCollector(stats, cluster)
+    registry.register(collector)
+    # Memory, CPU and open files of the process, read from /proc at scrape time.
+    ProcessCollector(registry=registry)
+    return Metrics(registry, collector, stats)
+
+
+METRICS = web.AppKey("metrics", Metrics)

@@ -1,4 +1,4 @@
-"""The catch-all handler: send the request to the cluster with a bearer token, stream the answer back.
+"""The catch-all handler: send a request to the cluster with a bearer token, stream the answer back.
 
 Bodies stream both ways and are never read whole. A request body small enough to replay is kept
 while it is sent, so a 401 can be answered by refreshing the token and sending it once more.
@@ -21,7 +21,7 @@ from yarl import URL
 from .config import Settings
 from .errors import proxy_error
 from .headers import client_response_headers, upstream_request_headers
-from .tokens import AccessToken, TokenError, TokenManager
+from .tokens import TokenError, TokenManager
 
 log = logging.getLogger("squirro_proxy.forward")
 
@@ -120,6 +120,12 @@ async def forward(request: web.Request) -> web.StreamResponse:
         return proxy_error(400, "bad_request_target", "the request target must be a path")
     url = URL(up.base + raw, encoded=True)
     rid = request_id(request)
+    if hdrs.UPGRADE in request.headers:
+        # Imported here because websocket.py builds on this module.
+        from .websocket import proxy_websocket, wants_websocket
+
+        if wants_websocket(request):
+            return await proxy_websocket(request, up, url, rid)
 
     tee: BodyTee | None = None
     if request.body_exists:

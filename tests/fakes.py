@@ -7,6 +7,7 @@ reached the cluster. Behaviour is steered by plain attributes a test sets before
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import itertools
 import secrets
@@ -27,6 +28,14 @@ def pattern(size: int, seed: int = 0) -> bytes:
     block = hashlib.sha256(f"block-{seed}".encode()).digest() * 2048  # 64 KiB
     reps, rest = divmod(size, len(block))
     return block * reps + block[:rest]
+
+
+# Compressed bodies as a cluster would store and send them; the proxy must pass them untouched.
+# (The br entry is opaque bytes: the proxy never decodes, so any payload labelled br will do.)
+ENCODED_BODIES = {
+    "gzip": gzip.compress(b"squirro " * 10_000, mtime=0),
+    "br": b"\x1b\xff\x9f\x00" + hashlib.sha256(b"br").digest() * 64,
+}
 
 
 @dataclass
@@ -57,6 +66,17 @@ class FakeCluster:
     requests: list[Seen] = field(default_factory=list)
     reject_all: bool = False  # answer 401 to every API call whatever the token
     hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    # Streaming (test_streaming.py): progress of the slow endpoints, and how each one ended.
+    drain_before_401: bool = False  # read the whole body before refusing it (like a WSGI app)
+    sent: int = 0  # bytes /download has handed to its socket so far
+    received: int = 0  # bytes /slow-upload has read so far
+    release_reader: asyncio.Event = field(default_factory=asyncio.Event)  # lets /slow-upload read
+    endings: list[str] = field(default_factory=list)  # "<path> complete|cut" per stream handler
+    sse_queue: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    sse_sent_at: list[float] = field(default_factory=list)  # time.perf_counter() per live event
+    # WebSockets (test_websocket.py)
+    ws_protocols: tuple[str, ...] = ()  # subprotocols the fake accepts
+    ws_events: list[tuple[str, Any]] = field(default_factory=list)  # what the fake saw, in order
     _counter: itertools.count = field(default_factory=itertools.count)  # type: ignore[type-arg]
 
     # --- helpers for tests ----------------------------------------------------------------
@@ -124,7 +144,10 @@ class FakeCluster:
         self.requests.append(seen)
         request[SEEN] = seen
         if not request.path.endswith(TOKEN_PATH) and not self.authorized(request):
-            # Drain nothing: a real cluster answers 401 before reading a large body.
+            # Drain nothing by default: a real cluster answers 401 before reading a large body.
+            if self.drain_before_401:
+                while await request.content.readany():
+                    pass
             return web.json_response({"error": "unauthorized"}, status=401)
         return await handler(request)
 
@@ -159,11 +182,17 @@ class FakeCluster:
         await resp.prepare(request)
         block = pattern(chunk)
         sent = 0
-        while sent < size:
-            piece = block[: min(chunk, size - sent)]
-            await resp.write(piece)
-            sent += len(piece)
-        await resp.write_eof()
+        try:
+            while sent < size:
+                piece = block[: min(chunk, size - sent)]
+                await resp.write(piece)  # returns once the socket took it: backpressure
+                sent += len(piece)
+                self.sent = sent
+            await resp.write_eof()
+        except BaseException:
+            self.endings.append("/download cut")
+            raise
+        self.endings.append("/download complete")
         return resp
 
     async def drop(self, request: web.Request) -> web.StreamResponse:
@@ -195,14 +224,73 @@ class FakeCluster:
         return web.Response(status=code, headers=headers,
                             body=None if code in (204, 304) else b"status body")
 
+    async def slow_upload(self, request: web.Request) -> web.Response:
+        """Read nothing until `release_reader` is set, then hash the body while receiving it."""
+        await self.release_reader.wait()
+        digest = hashlib.sha256()
+        try:
+            async for chunk in request.content.iter_any():
+                digest.update(chunk)
+                self.received += len(chunk)
+        except BaseException:
+            self.endings.append("/slow-upload cut")
+            raise
+        self.endings.append("/slow-upload complete")
+        return web.json_response({"body_size": self.received, "body_sha256": digest.hexdigest()})
+
+    async def sse_live(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events the test feeds through `sse_queue`, one write each; None ends."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        while (event := await self.sse_queue.get()) is not None:
+            await resp.write(f"data: {event}\n\n".encode())
+            self.sse_sent_at.append(time.perf_counter())
+        await resp.write_eof()
+        return resp
+
+    async def informational(self, request: web.Request) -> web.Response:
+        """1xx answers (103 Early Hints, an unasked 100 Continue) before the real one."""
+        assert request.transport is not None
+        request.transport.write(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+        )
+        return web.Response(body=b"final answer", headers={"X-Final": "yes"})
+
+    async def encoded(self, request: web.Request) -> web.Response:
+        """A body stored compressed, sent as stored with its Content-Encoding."""
+        encoding = request.match_info["encoding"]
+        return web.Response(body=ENCODED_BODIES[encoding], headers={
+            "Content-Encoding": encoding, "Content-Type": "text/plain", "Vary": "Accept-Encoding",
+        })
+
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
+        """Echo text and binary; answer pings; obey `close:<code>:<reason>`, `ping:<payload>`
+        and `drop`; record everything it saw in `ws_events`."""
+        ws = web.WebSocketResponse(protocols=self.ws_protocols, autoping=False)
         await ws.prepare(request)
+        self.ws_events.append(("open", ws.ws_protocol))
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                await ws.send_str(msg.data)
+                if msg.data.startswith("close:"):
+                    _, code, reason = msg.data.split(":", 2)
+                    await ws.close(code=int(code), message=reason.encode())
+                elif msg.data.startswith("ping:"):
+                    await ws.ping(msg.data[5:].encode())
+                elif msg.data == "drop":
+                    assert request.transport is not None
+                    request.transport.abort()
+                else:
+                    await ws.send_str(msg.data)
             elif msg.type == WSMsgType.BINARY:
                 await ws.send_bytes(msg.data)
+            elif msg.type == WSMsgType.PING:
+                self.ws_events.append(("ping", msg.data))
+                await ws.pong(msg.data)
+            elif msg.type == WSMsgType.PONG:
+                self.ws_events.append(("pong", msg.data))
+        self.ws_events.append(("closed", ws.close_code))
         return ws
 
     def app(self, prefix: str = "") -> web.Application:
@@ -213,6 +301,10 @@ class FakeCluster:
         app.router.add_get(prefix + "/drop", self.drop)
         app.router.add_get(prefix + "/sse", self.sse)
         app.router.add_get(prefix + "/ws", self.websocket)
+        app.router.add_route("*", prefix + "/slow-upload", self.slow_upload)
+        app.router.add_get(prefix + "/sse-live", self.sse_live)
+        app.router.add_get(prefix + "/informational", self.informational)
+        app.router.add_get(prefix + "/encoded/{encoding}", self.encoded)
         app.router.add_route("*", prefix + "/status/{code}", self.status)
         app.router.add_route("*", "/{tail:.*}", self.echo)
         return app

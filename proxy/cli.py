@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import urllib.request
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from aiohttp import web
 from yarl import URL
 
 from . import demo
-from .app import TOKENS, make_app, make_session
+from .app import TOKEN_FILE_WATCHER, TOKENS, make_app, make_session
 from .config import ConfigError, Secret, Settings, load
 from .connection import ProxyAppRunner
 from .logs import configure
@@ -29,6 +30,7 @@ log = logging.getLogger("squirro_proxy")
 EXIT_OK = 0
 EXIT_TOKEN_REJECTED = 1
 EXIT_CONFIG = 2
+EXIT_CLUSTER_UNAVAILABLE = 3
 # How long start-up waits for the first token before it says where it listens anyway.
 FIRST_TOKEN_WAIT = 3.0
 
@@ -75,7 +77,11 @@ def describe(identity: Identity) -> str:
 
 
 async def check(settings: Settings) -> int:
-    """Validate the settings and exchange the token once; print who the proxy would act as."""
+    """Validate the settings and exchange the token once; print who the proxy would act as.
+
+    Exit 0 when the cluster accepted the token, 1 when it refused it, 3 when it could not be
+    asked (unreachable, 5xx, TLS): what CI and a support ticket need to tell apart.
+    """
     settings, demo_runner = await _with_demo(settings)
     session = make_session(settings)
     try:
@@ -86,17 +92,69 @@ async def check(settings: Settings) -> int:
             client_secret=settings.client_secret, tenant=settings.tenant,
         )
         try:
-            token = await tokens._single_flight("check")
+            token = await tokens.exchange_once()
         except TokenError as exc:
             print(f"squirro-proxy check: FAILED: {exc.reason}", file=sys.stderr)
-            return EXIT_TOKEN_REJECTED
-        print(f"squirro-proxy check: OK: cluster {settings.cluster}, {describe(tokens.identity)}, "
-              f"access token valid for {token.lifetime:.0f} s")
+            _print_rows(_setting_rows(settings), file=sys.stderr)
+            return EXIT_TOKEN_REJECTED if exc.final else EXIT_CLUSTER_UNAVAILABLE
+        print("squirro-proxy check: OK")
+        _print_rows([
+            ("acting as", describe(tokens.identity)),
+            ("tenant", tokens.identity.tenant or "?"),
+            ("user", tokens.identity.user_id or "?"),
+            ("role", tokens.identity.role or "?"),
+            ("access token", f"valid for {token.lifetime:.0f} s"),
+            *_setting_rows(settings),
+        ])
         return EXIT_OK
     finally:
         await session.close()
         if demo_runner is not None:
             await demo_runner.cleanup()
+
+
+def _print_rows(rows: Sequence[tuple[str, str]], file: Any = None) -> None:
+    for name, value in rows:
+        print(f"  {name + ':':<14}{value}", file=file)
+
+
+def _setting_rows(settings: Settings) -> list[tuple[str, str]]:
+    """What `check` reports about the settings; never a token."""
+    cluster = settings.cluster
+    if cluster.scheme != "https":
+        tls = "none (plain http)"
+    elif settings.insecure:
+        tls = "certificate NOT verified (--insecure)"
+    elif settings.ca_bundle is not None:
+        tls = f"verified with the CA bundle {settings.ca_bundle}"
+    else:
+        tls = "verified with the system's CA certificates"
+    if settings.is_loopback_bind:
+        access = "loopback only"
+    elif settings.client_token is not None:
+        access = "beyond loopback, clients must send the client token"
+    else:
+        access = "beyond loopback WITHOUT a client token (--insecure-public-bind)"
+    return [
+        ("cluster", str(cluster)),
+        ("TLS", tls),
+        ("via proxy", _env_proxy(cluster)),
+        ("token from", str(settings.token_file) if settings.token_file else "SQUIRRO_TOKEN"),
+        ("listen", f"{settings.host}:{settings.port} ({access})"),
+    ]
+
+
+def _env_proxy(cluster: URL) -> str:
+    """The HTTP(S)_PROXY the upstream session will use for the cluster, without credentials."""
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(cluster.scheme)
+    if not proxy or (cluster.host and urllib.request.proxy_bypass(cluster.host)):
+        return "none (direct connection)"
+    try:
+        url = URL(proxy)
+    except ValueError:
+        return f"{cluster.scheme.upper()}_PROXY (unparsable)"
+    return f"{url.host}:{url.port} ({cluster.scheme.upper()}_PROXY)"
 
 
 async def _with_demo(settings: Settings) -> tuple[Settings, web.AppRunner | None]:
@@ -124,6 +182,8 @@ async def serve(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP re-reads the token file (a rotated secret) instead of ending the process.
+        loop.add_signal_handler(signal.SIGHUP, _reload_token_file, app)
 
         first = asyncio.ensure_future(tokens.wait_first())
         stopper = asyncio.ensure_future(stop.wait())
@@ -158,7 +218,7 @@ async def serve(settings: Settings) -> int:
                  settings.shutdown_grace)
         return EXIT_OK
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_signal_handler(sig)
         await runner.cleanup()
@@ -167,6 +227,15 @@ async def serve(settings: Settings) -> int:
         if settings.unix_socket is not None:
             with contextlib.suppress(OSError):
                 settings.unix_socket.unlink()
+
+
+def _reload_token_file(app: web.Application) -> None:
+    watcher = app.get(TOKEN_FILE_WATCHER)
+    if watcher is None:
+        log.info("SIGHUP: nothing to re-read: the refresh token did not come from a file "
+                 "(set SQUIRRO_TOKEN_FILE to rotate it without a restart)")
+        return
+    watcher.reload_now()
 
 
 async def _start_sites(runner: web.AppRunner, settings: Settings) -> list[str]:

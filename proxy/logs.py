@@ -87,10 +87,11 @@ class AccessLogger(AbstractAccessLogger):
             "request_id": response.headers.get(REQUEST_ID),
         }
         ACCESS.info(
-            "%s %s %s %sB %.1fms%s%s",
+            "%s %s %s %sB %.1fms%s%s id=%s",
             fields["method"], fields["path"], fields["status"], fields["bytes"],
             fields["duration_ms"],
             f" upstream={fields['upstream_ms']}ms" if upstream is not None else "",
             " retried-after-401" if retried else "",
+            fields["request_id"] or "-",
             extra={"event_type": "access", **fields},
         )

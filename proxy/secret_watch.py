@@ -40,10 +40,10 @@ class TokenFileWatcher:
     """Watches one token file and hands a changed token to the token manager."""
 
     def __init__(self, path: Path, tokens: TokenManager, loaded: Secret,
-                 interval: float = POLL_INTERVAL) -> None:
+                 interval: float | None = None) -> None:
         self.path = path
         self._tokens = tokens
-        self._interval = interval
+        self._interval = POLL_INTERVAL if interval is None else interval
         # What the file held when last read; compared with the file, not with the manager's
         # token, which the cluster may have rotated since.
         self._last_text = loaded.reveal()

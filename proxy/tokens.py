@@ -188,6 +188,13 @@ class TokenManager:
         """Wait for the first access token; raises TokenRejected if the cluster refuses."""
         return await asyncio.shield(self._first)
 
+    async def exchange_once(self) -> AccessToken:
+        """One exchange outside the life cycle (the `check` command): no retry schedule, no
+        background task, and the caller reports the outcome."""
+        new = await self._exchange()
+        self._current = new
+        return new
+
     async def replace_refresh_token(self, new: Secret) -> None:
         """Adopt a new refresh token (rotated secret file): exchanged before the old is dropped."""
         if new == self._refresh_token:
@@ -203,6 +210,9 @@ class TokenManager:
         except TokenError:
             if self._current is not None and self._current.valid(self._clock()):
                 self._refresh_token = old  # keep serving with what still works
+                # The failure was the new token's; the old one has not failed, so refreshes
+                # go on as scheduled and readiness holds.
+                self.failure = None
             raise
 
     # --- single flight -----------------------------------------------------------------------

@@ -1,0 +1,219 @@
+"""Connection-level defences aiohttp lacks: a deadline for request headers, and clear answers
+for requests its HTTP parser refuses.
+
+aiohttp bounds the size of a request head but not the time it takes to arrive: a client that
+sends its headers a byte at a time (slowloris) holds a connection for as long as it likes. Here
+every request head, counted from its first byte (or from the moment the connection opened), must
+be complete within `--header-timeout` seconds; otherwise the client gets a 408 and the connection
+is closed. Bodies are not under this deadline (uploads may be slow), nor is an idle keep-alive
+connection between requests (aiohttp's keep-alive timeout closes those).
+
+One blind spot remains, by construction: the start of a pipelined request that arrives in the
+same packet as the end of the previous request's body is not seen as a new head, because the
+C parser does not say where a message ended inside a chunk. Such a connection is still closed by
+the keep-alive timeout once the previous response is done.
+
+The parser's refusals become JSON errors like the proxy's own, with the status that says what to
+change (414 request line too long, 431 header too large or too many, 400 otherwise), logged as one
+line without a traceback and without the offending bytes, which may hold a credential.
+
+aiohttp builds its `RequestHandler` inside `Server.__call__`; `ProxyAppRunner` is an `AppRunner`
+whose server builds `ProxyRequestHandler` instead. The CLI serves with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidURLError,
+    LineTooLong,
+)
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+from aiohttp.web_server import Server
+
+from .errors import ERROR_HEADER, proxy_error
+
+log = logging.getLogger("squirro_proxy.connection")
+
+_TIMEOUT_BODY = json.dumps({
+    "error": "header_timeout",
+    "detail": "the request headers did not arrive in time (--header-timeout)",
+    "status": 408,
+}).encode()
+TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\n"
+    b"Content-Type: application/json\r\n"
+    + ERROR_HEADER.encode() + b": header_timeout\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: " + str(len(_TIMEOUT_BODY)).encode() + b"\r\n\r\n" + _TIMEOUT_BODY
+)
+TOO_MANY_HEADERS = "Too many headers received"
+
+
+class ProxyRequestHandler(RequestHandler):
+    """aiohttp's HTTP/1.1 protocol plus a request-head deadline and JSON parse errors."""
+
+    __slots__ = (
+        "_body", "_head_timer", "_header_timeout", "_line_length", "_line_seen", "_line_whole",
+        "_refused",
+    )
+
+    def __init__(self, manager: Server, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        # The body of the last request whose head arrived; a new head starts once it has ended.
+        self._body: StreamReader | None = None
+        # Bytes of the current head before its first line break: tells a too-long request line
+        # from a too-long header when the parser refuses one.
+        self._line_length = 0
+        self._line_seen = False
+        self._line_whole = True  # the last completed (or refused) head had a request line
+        self._refused = False  # the parser refused a head: the connection is done for
+
+    # -- the head deadline -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # A connection that never sends a complete head is held to the same deadline.
+        self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if (
+            self._upgraded or self._payload_parser is not None or self._force_close
+            or self._close or self._refused
+        ):
+            super().data_received(data)
+            return
+        timer = self._head_timer
+        body = self._body
+        new_head = timer is None and bool(data) and (body is None or body.is_eof())
+        if new_head:
+            self._line_length, self._line_seen = 0, False
+        if (new_head or timer is not None) and not self._line_seen:
+            end = data.find(b"\n")
+            if end < 0:
+                self._line_length += len(data)
+            else:
+                self._line_length += end
+                self._line_seen = True
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:
+            # A head is complete (or refused): what follows is its body, not under the deadline.
+            self._disarm()
+            self._line_whole = self._line_seen and self._line_length <= self.max_line_size
+            message, self._body = self._messages[-1] if self._messages else (None, None)
+            # After a refusal the parser only repeats its error: stop reading heads.
+            self._refused = isinstance(message, _ErrInfo)
+        elif new_head and self.transport is not None:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self._loop.call_later(self._header_timeout, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        transport = self.transport
+        if transport is None or self._force_close:
+            return
+        if self._request_in_progress or self._messages:
+            # A response is under way; judge the next head once it is done.
+            self._arm()
+            return
+        peer = transport.get_extra_info("peername")
+        log.info("closed a connection from %s: its request headers were not complete within "
+                 "%g s (--header-timeout)", peer[0] if isinstance(peer, tuple) else "a client",
+                 self._header_timeout)
+        transport.write(TIMEOUT_RESPONSE)
+        self.force_close()
+
+    # -- parser refusals -------------------------------------------------------------------
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> StreamResponse:
+        if status != 400 or not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        status, code, detail = self._classify(exc)
+        log.info("refused a malformed request from %s: %s (%s)", request.remote, detail, status)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already under way")
+        response = proxy_error(status, code, detail)
+        response.force_close()
+        return response
+
+    def _classify(self, exc: HttpProcessingError) -> tuple[int, str, str]:
+        if isinstance(exc, LineTooLong):
+            if not self._line_whole:
+                return (414, "request_line_too_long",
+                        f"the request line is longer than {self.max_line_size} bytes "
+                        "(--max-line-size)")
+            return (431, "header_too_large",
+                    f"a request header is longer than {self.max_field_size} bytes "
+                    "(--max-field-size)")
+        if exc.message == TOO_MANY_HEADERS:
+            return (431, "too_many_headers",
+                    f"the request has more than {self.max_headers} headers (--max-headers)")
+        if isinstance(exc, InvalidURLError):
+            return 400, "bad_request_target", "the request target is not a valid path"
+        if isinstance(exc, BadHttpMethod):
+            return 400, "bad_request", "the request method is unknown or malformed"
+        if isinstance(exc, BadStatusLine):
+            return 400, "bad_request", "the request line is malformed"
+        # The parser's first line describes the fault; the lines after it quote the bytes.
+        reason = (exc.message or "").split("\n", 1)[0].strip().rstrip(":") or "malformed"
+        return 400, "bad_request", f"the request is malformed: {reason}"
+
+
+class ProxyServer(Server):
+    """A `Server` whose connections are `ProxyRequestHandler`s."""
+
+    def __init__(self, base: Server, header_timeout: float) -> None:
+        # Adopt the state aiohttp built for the application (its handler, request factory and
+        # handler arguments) rather than rebuilding it by hand.
+        self.__dict__.update(vars(base))
+        self.header_timeout = header_timeout
+
+    def __call__(self) -> RequestHandler:
+        return ProxyRequestHandler(
+            self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs
+        )
+
+
+class ProxyAppRunner(web.AppRunner):
+    """An `AppRunner` whose connections enforce the request-head deadline."""
+
+    __slots__ = ("_header_timeout",)
+
+    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout = header_timeout
+
+    async def _make_server(self) -> Server:
+        return ProxyServer(await super()._make_server(), self._header_timeout)

@@ -180,6 +180,9 @@ class FakeCluster:
         if request.query.get("length") == "1":
             resp.content_length = size
         await resp.prepare(request)
+        if request.method == "HEAD":  # aiohttp would send a StreamResponse's body even so
+            await resp.write_eof()
+            return resp
         block = pattern(chunk)
         sent = 0
         try:
@@ -295,7 +298,9 @@ class FakeCluster:
 
     def app(self, prefix: str = "") -> web.Application:
         """The fake as an aiohttp app; `prefix` mounts it under a path (`/squirro`)."""
-        app = web.Application(middlewares=[self.record], client_max_size=1024**4)
+        # Bodies are hashed as they arrive on the wire: no decompression of gzip uploads.
+        app = web.Application(middlewares=[self.record], client_max_size=1024**4,
+                              handler_args={"auto_decompress": False})
         app.router.add_post(prefix + TOKEN_PATH, self.token)
         app.router.add_get(prefix + "/download", self.download)
         app.router.add_get(prefix + "/drop", self.drop)

@@ -293,3 +293,28 @@ async def test_plain_get_with_other_upgrade_is_forwarded_as_http(
         assert resp.status == 200
         names = [k.lower() for k, _ in (await resp.json())["headers"]]
     assert "upgrade" not in names
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "http://localhost:3000", "null",
+                                    "http://127.0.0.1.evil.example"])
+async def test_handshake_from_foreign_page_refused_before_cluster(
+    proxy: Running, cluster: FakeCluster, client: aiohttp.ClientSession, origin: str
+) -> None:
+    """The Origin rules apply to the handshake: a foreign page gets 403, the cluster nothing."""
+    async with client.get(proxy.url / "ws", headers={**handshake_headers(),
+                                                     "Origin": origin}) as resp:
+        assert resp.status == 403
+        assert resp.headers[ERROR_HEADER] == "cross_origin_refused"
+    assert cluster.api_requests() == []
+
+
+@pytest.mark.parametrize("cors_origin", [None, "http://localhost:3000"], ids=["own", "cors"])
+async def test_handshake_from_allowed_page_opens(
+    start_proxy: StartProxy, client: aiohttp.ClientSession, cors_origin: str | None
+) -> None:
+    """Pages at the proxy's own origin, or at a --cors-origin, may open sockets."""
+    proxy = await start_proxy(cors_origins=(cors_origin,) if cors_origin else ())
+    origin = cors_origin or f"http://{proxy.url.host}:{proxy.url.port}"
+    async with client.ws_connect(ws_url(proxy), origin=origin) as ws:
+        await ws.send_str("allowed")
+        assert (await ws.receive()).data == "allowed"

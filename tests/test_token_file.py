@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +16,7 @@ from proxy.config import Secret
 from proxy.secret_watch import TokenFileWatcher
 from tests.conftest import Running, StartProxy
 from tests.fakes import REFRESH_TOKEN, FakeCluster
-from tests.test_cli import ProxyProcess, spawn
+from tests.test_ops import cli_process, until
 
 NEW_TOKEN = "refresh-token-from-the-new-secret-0001"
 
@@ -27,13 +25,6 @@ NEW_TOKEN = "refresh-token-from-the-new-secret-0001"
 def fast_polling(monkeypatch: pytest.MonkeyPatch) -> None:
     """Poll every 50 ms instead of every second, to keep these tests quick."""
     monkeypatch.setattr("proxy.secret_watch.POLL_INTERVAL", 0.05)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait until `condition()` holds, checking every few milliseconds."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 def write(path: Path, text: str) -> None:
@@ -233,11 +224,10 @@ async def test_sighup_rereads_the_token_file_in_the_cli(
     """`kill -HUP` makes the running proxy re-read its token file (and does not end it)."""
     path = tmp_path / "token"
     path.write_text(REFRESH_TOKEN)
-    proc: ProxyProcess = await spawn(env={
+    async with cli_process(env={
         "SQUIRRO_CLUSTER": str(cluster_url), "SQUIRRO_TOKEN_FILE": str(path),
         "SQUIRRO_PROXY_PORT": "0",
-    }, cwd=tmp_path)
-    try:
+    }, cwd=tmp_path) as proc:
         await proc.wait_line("listening on")
         new = "y" * len(REFRESH_TOKEN)
         _rewrite_in_place(path, new)  # invisible to polling: only SIGHUP finds it
@@ -248,10 +238,6 @@ async def test_sighup_rereads_the_token_file_in_the_cli(
         assert cluster.token_forms[-1]["refresh_token"] == new
         proc.proc.send_signal(signal.SIGTERM)
         code, output = await proc.finish()
-    finally:
-        if proc.proc.returncode is None:
-            proc.proc.kill()
-            await proc.proc.wait()
     assert code == 0
     assert new not in output and REFRESH_TOKEN not in output
 
@@ -260,16 +246,12 @@ async def test_sighup_without_a_token_file_is_harmless(
     cluster_url: URL, tmp_path: Path,
 ) -> None:
     """SIGHUP with the token from the environment says so and keeps serving."""
-    proc = await spawn(env={"SQUIRRO_CLUSTER": str(cluster_url), "SQUIRRO_TOKEN": REFRESH_TOKEN,
-                            "SQUIRRO_PROXY_PORT": "0"}, cwd=tmp_path)
-    try:
+    async with cli_process(env={"SQUIRRO_CLUSTER": str(cluster_url),
+                                "SQUIRRO_TOKEN": REFRESH_TOKEN, "SQUIRRO_PROXY_PORT": "0"},
+                           cwd=tmp_path) as proc:
         await proc.wait_line("listening on")
         proc.proc.send_signal(signal.SIGHUP)
         await proc.wait_line("SIGHUP: nothing to re-read")
         proc.proc.send_signal(signal.SIGTERM)
         code, _ = await proc.finish()
-    finally:
-        if proc.proc.returncode is None:
-            proc.proc.kill()
-            await proc.proc.wait()
     assert code == 0

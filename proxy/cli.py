@@ -239,9 +239,9 @@ def _reload_token_file(app: web.Application) -> None:
 
 
 async def _start_sites(runner: web.AppRunner, settings: Settings) -> list[str]:
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-    await site.start()
     urls = []
+    if settings.listen_tcp:
+        await web.TCPSite(runner, settings.host, settings.port, reuse_address=True).start()
     for address in runner.addresses:
         host, port = address[0], address[1]
         shown = f"[{host}]" if ":" in host else host

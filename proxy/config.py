@@ -71,6 +71,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     unix_socket: Path | None = None
+    # False when only the Unix socket serves (--unix-socket without an explicit --host/--port).
+    listen_tcp: bool = True
     token_lifetime: float = 600.0
     log_level: str = "info"
     log_format: str = "text"
@@ -229,7 +231,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("port", "--port", "SQUIRRO_PROXY_PORT", _int_range(0, 65535),
            "TCP port to listen on; 0 picks a free port.", default=8080, metavar="N"),
     Option("unix_socket", "--unix-socket", "SQUIRRO_PROXY_UNIX_SOCKET", _path,
-           "Also listen on this Unix socket, created with mode 0600.", metavar="PATH"),
+           "Listen on this Unix socket, created with mode 0600 (only your user can connect), "
+           "instead of TCP; set --host or --port as well to listen on both.", metavar="PATH"),
     Option("token_lifetime", "--token-lifetime", "SQUIRRO_PROXY_TOKEN_LIFETIME", _positive_float,
            "Access token lifetime in seconds when the token response has no expires_in.",
            default=600.0, metavar="SECONDS"),
@@ -395,6 +398,9 @@ def load(
             values[opt.name] = opt.default
 
     settings_kwargs = _validate(values, problems)
+    settings_kwargs["listen_tcp"] = values["unix_socket"] is None or bool(
+        sources["host"] or sources["port"]
+    )
     settings_kwargs["notices"] = _notices(settings_kwargs, sources)
     if problems:
         raise ConfigError(problems)

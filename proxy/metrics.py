@@ -54,7 +54,8 @@ _STATUS_CLASS = ("other", "1xx", "2xx", "3xx", "4xx", "5xx", "other", "other", "
 CLIENT_CLOSED = "client_closed"
 # Reasons TokenManager files failed refreshes under; always exported, at 0 until one happens, so
 # alert rules on rate() work from the first scrape.
-REFRESH_FAILURE_REASONS = ("400", "403", "404", "410", "http_error", "timeout", "connect", "other")
+REFRESH_FAILURE_REASONS = ("400", "403", "404", "410", "http_error", "timeout", "connect", "tls",
+                           "other")
 
 
 @dataclass(frozen=True, slots=True)

@@ -361,6 +361,8 @@ class TokenManager:
             raise TokenUnavailable(
                 f"the token endpoint did not answer within {EXCHANGE_TIMEOUT:.0f} s"
             ) from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise TokenUnavailable(tls_untrusted_reason(exc)) from None
         except aiohttp.ClientConnectorError as exc:
             raise TokenUnavailable(
                 f"cannot connect to {self._token_url.host}:{self._token_url.port} "
@@ -417,6 +419,15 @@ def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def tls_untrusted_reason(exc: aiohttp.ClientConnectorCertificateError) -> str:
+    """Why the cluster's certificate was refused, and the setting that fixes a private CA."""
+    error = exc.certificate_error
+    why = getattr(error, "verify_message", None) or str(error)
+    return (f"the TLS certificate of {exc.host}:{exc.port} is not trusted ({why}): if the "
+            "cluster uses a private CA, point --ca-bundle (SQUIRRO_PROXY_CA_BUNDLE) at that "
+            "CA's PEM file")
+
+
 def _reason_key(reason: str) -> str:
     """A short label for metrics: the status code when there is one, else the failure kind."""
     for status in (400, 403, 404, 410):
@@ -426,6 +437,8 @@ def _reason_key(reason: str) -> str:
         return "http_error"
     if "within" in reason:
         return "timeout"
+    if "TLS certificate" in reason:
+        return "tls"
     if "connect" in reason:
         return "connect"
     return "other"

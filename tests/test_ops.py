@@ -454,8 +454,9 @@ def test_json_output_keeps_the_redaction() -> None:
 # --- check ---------------------------------------------------------------------------------------
 
 
-async def run_check(env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
-    proc = await spawn("check", env=env, cwd=cwd)
+async def run_check(env: dict[str, str], cwd: Path, *args: str) -> tuple[int, str, str]:
+    """`squirro-proxy check ARGS`: exit code, stdout, stderr."""
+    proc = await spawn("check", *args, env=env, cwd=cwd)
     assert proc.proc.stdout is not None
     out = (await proc.proc.stdout.read()).decode()
     code, err = await proc.finish()

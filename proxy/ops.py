@@ -239,7 +239,7 @@ def human_duration(seconds: float) -> str:
     if s < 60:
         return f"{s} s"
     if s < 3600:
-        return f"{s // 60} min {s % 60} s"
+        return f"{s // 60} min" + (f" {s % 60} s" if s % 60 else "")
     if s < 86400:
         return f"{s // 3600} h {s % 3600 // 60} min"
     return f"{s // 86400} d {s % 86400 // 3600} h"
@@ -265,6 +265,8 @@ def _or_dash(value: str | None) -> str:
 def _ms(value: float | None) -> str:
     if value is None:
         return NONE_YET
+    if value >= 1000:
+        return f"{value / 1000:.1f} s"
     return f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
 
 
@@ -340,15 +342,16 @@ def render_page(data: dict[str, Any]) -> str:
          else "expired"),
         "token_class": "bad-text" if access is None or access["expires_in_seconds"] <= 0
         else ("warn-text" if access["expires_in_seconds"] < 60 else "ok-text"),
-        "lifetime_text": NONE_YET if access is None else human_duration(access["lifetime_seconds"]),
+        "lifetime_text": "no access token held" if access is None else
+        "time left of " + human_duration(access["lifetime_seconds"]),
         "age": "" if access is None else str(access["age_seconds"]),
         "age_text": NONE_YET if access is None else human_duration(access["age_seconds"]),
         "refresh_in": "" if access is None else str(access["refresh_in_seconds"]),
         "refresh_in_text": NONE_YET if access is None else
         human_duration(access["refresh_in_seconds"]),
         "obtained_text": NONE_YET if access is None else e(_clock(access["obtained_at"])),
-        "failure_class": "" if failure is None else "bad-text",
-        "failure_text": "none" if failure is None else e(failure["reason"]),
+        "failure_banner": "" if failure is None else
+        f'<section class="alert"><h2>Token refresh failing</h2>{e(failure["reason"])}</section>',
         "total": str(requests["total"]),
         "in_flight": str(requests["in_flight"]),
         "retried": str(requests["retried_after_401"]),

@@ -178,6 +178,19 @@ async def test_host_allowlist(
     assert len(cluster.api_requests()) == (1 if status == 200 else 0)
 
 
+async def test_specific_bind_address_is_an_allowed_host(
+    start_proxy: StartProxy, cluster: FakeCluster, client: aiohttp.ClientSession
+) -> None:
+    """Bound to a specific address, the proxy answers requests that name that address."""
+    proxy = await start_proxy(host="10.1.2.3", client_token=Secret(CLIENT_TOKEN))
+    headers = {"Host": "10.1.2.3:8080", "Authorization": f"Bearer {CLIENT_TOKEN}"}
+    async with client.get(proxy.url / PROJECTS, headers=headers) as resp:
+        assert resp.status == 200
+    async with client.get(proxy.url / PROJECTS, headers={**headers, "Host": "10.1.2.4"}) as resp:
+        assert resp.status == 403
+    assert len(cluster.api_requests()) == 1
+
+
 # --- Origin and Fetch Metadata -------------------------------------------------------------------
 
 

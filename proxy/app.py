@@ -114,6 +114,8 @@ def make_app(settings: Settings) -> web.Application:
         "keepalive_timeout": KEEPALIVE_TIMEOUT,
         # A client that goes away cancels its handler, which closes the upstream request.
         "handler_cancellation": True,
+        # Request bodies are forwarded as bytes: a gzip-encoded upload must stay encoded.
+        "auto_decompress": False,
         "access_log_class": AccessLogger,
     })
     app[SETTINGS] = settings

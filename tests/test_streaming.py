@@ -332,11 +332,6 @@ async def test_encoded_download_untouched(
         assert await resp.read() == stored
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiohttp's server gunzips request bodies unless the app is made with "
-           "handler_args auto_decompress=False (proxy/app.py make_app, not this module's to edit)",
-)
 async def test_encoded_upload_untouched(
     proxy: Running, client: aiohttp.ClientSession
 ) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -40,6 +41,8 @@ log = logging.getLogger("squirro_proxy.websocket")
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 # How long each side gets to answer a close frame before its connection is dropped.
 CLOSE_TIMEOUT = 10.0
+# ... and when the relay was cancelled (client gone, shutdown grace over): no time to lose.
+LAST_CLOSE_TIMEOUT = 1.0
 # Handshake headers each side negotiates for itself (aiohttp writes them for the cluster hop).
 _HANDSHAKE_OWN = frozenset(h.lower() for h in (
     hdrs.SEC_WEBSOCKET_KEY, hdrs.SEC_WEBSOCKET_VERSION, hdrs.SEC_WEBSOCKET_EXTENSIONS,
@@ -55,6 +58,26 @@ if TYPE_CHECKING:
     ClusterSocket = aiohttp.ClientWebSocketResponse[Literal[False]]
     ClientSocket = web.WebSocketResponse[Literal[False]]
     Socket = ClientSocket | ClusterSocket
+
+
+# Set when the application shuts down: every relay of that application then closes both its
+# sockets with 1001 instead of holding the shutdown up until the grace period ends.
+_SHUTDOWN: weakref.WeakKeyDictionary[web.Application, asyncio.Event] = (
+    weakref.WeakKeyDictionary())
+
+
+async def close_websockets(app: web.Application) -> None:
+    """`on_shutdown` hook: close every open socket with 1001 (going away), on both sides."""
+    event = _SHUTDOWN.get(app)
+    if event is not None:
+        event.set()
+
+
+def _shutdown_event(app: web.Application) -> asyncio.Event:
+    event = _SHUTDOWN.get(app)
+    if event is None:
+        event = _SHUTDOWN[app] = asyncio.Event()
+    return event
 
 
 def wants_websocket(request: web.Request) -> bool:
@@ -91,13 +114,12 @@ async def proxy_websocket(request: web.Request, up: Upstream, url: URL,
     client_ws.headers[REQUEST_ID] = rid
     try:
         await client_ws.prepare(request)
-        await _relay(request, client_ws, cluster_ws)
+        await _relay(request, client_ws, cluster_ws, _shutdown_event(request.app))
     finally:
-        # Cancelled (client gone, shutdown) or failed: neither side is left open.
-        if not cluster_ws.closed:
-            await cluster_ws.close(code=WSCloseCode.GOING_AWAY)
-        if client_ws.prepared and not client_ws.closed:
-            await client_ws.close(code=WSCloseCode.GOING_AWAY)
+        # Cancelled (client gone, grace period over) or failed: neither side is left open, and
+        # neither gets long to answer the close.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(_going_away(client_ws, cluster_ws), LAST_CLOSE_TIMEOUT)
     return client_ws
 
 
@@ -155,6 +177,13 @@ def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> web.Response:
                        "instead of 101 Switching Protocols")
 
 
+async def _going_away(client_ws: ClientSocket, cluster_ws: ClusterSocket) -> None:
+    if not cluster_ws.closed:
+        await cluster_ws.close(code=WSCloseCode.GOING_AWAY)
+    if client_ws.prepared and not client_ws.closed:
+        await client_ws.close(code=WSCloseCode.GOING_AWAY)
+
+
 def _offered_protocols(request: web.Request) -> tuple[str, ...]:
     offered = request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
     return tuple(p.strip() for value in offered for p in value.split(",") if p.strip())
@@ -170,16 +199,28 @@ class _End:
 
 
 async def _relay(request: web.Request, client_ws: ClientSocket,
-                 cluster_ws: ClusterSocket) -> None:
+                 cluster_ws: ClusterSocket, shutdown: asyncio.Event) -> None:
     """Pump messages both ways until one side ends, then close the other the same way."""
     upward = asyncio.ensure_future(_pump(client_ws, cluster_ws, request, BYTES_IN))
     downward = asyncio.ensure_future(_pump(cluster_ws, client_ws, request, BYTES_OUT))
+    stopping = asyncio.ensure_future(shutdown.wait())
     try:
-        await asyncio.wait((upward, downward), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((upward, downward, stopping), return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         await _stop(upward)
         await _stop(downward)
         raise
+    finally:
+        stopping.cancel()
+    if not (upward.done() or downward.done()):
+        # The proxy shuts down: both sides are told so, the client waited for (briefly).
+        await _stop(upward)
+        await _stop(downward)
+        await asyncio.gather(
+            client_ws.close(code=WSCloseCode.GOING_AWAY, message=_SHUTTING_DOWN),
+            cluster_ws.close(code=WSCloseCode.GOING_AWAY, message=_SHUTTING_DOWN),
+        )
+        return
     first, other = (upward, downward) if upward.done() else (downward, upward)
     end = first.result()
     ended_by_client = (first is upward) != end.sink_broke
@@ -202,6 +243,7 @@ async def _relay(request: web.Request, client_ws: ClientSocket,
 
 
 _CLUSTER_BROKE = b"the connection to the cluster broke"
+_SHUTTING_DOWN = b"the proxy is shutting down"
 
 
 async def _pump(source: Socket, sink: Socket, request: web.Request,

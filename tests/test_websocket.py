@@ -15,7 +15,8 @@ from aiohttp import WSCloseCode, WSMsgType
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from tests.conftest import Running, StartProxy
+from proxy.app import TOKENS, make_app
+from tests.conftest import Running, StartProxy, proxy_settings
 from tests.fakes import FakeCluster
 
 ERROR_HEADER = "X-Squirro-Proxy-Error"
@@ -318,3 +319,29 @@ async def test_handshake_from_allowed_page_opens(
     async with client.ws_connect(ws_url(proxy), origin=origin) as ws:
         await ws.send_str("allowed")
         assert (await ws.receive()).data == "allowed"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs make_app to register websocket.close_websockets on app.on_shutdown "
+           "(proxy/app.py, not this module's to edit)",
+)
+async def test_shutdown_closes_open_sockets_with_1001_at_once(
+    cluster_url: URL, cluster: FakeCluster, client: aiohttp.ClientSession
+) -> None:
+    """A proxy shutting down tells both ends of an open socket that it goes away (1001, with a
+    reason) when the shutdown starts, not when the grace period runs out."""
+    server = TestServer(make_app(proxy_settings(cluster_url)), host="127.0.0.1")
+    await server.start_server(shutdown_timeout=2)  # the grace period
+    await server.app[TOKENS].wait_first()
+    ws = await client.ws_connect(URL(f"ws://127.0.0.1:{server.port}/ws"))
+    await ws.send_str("open")
+    assert (await ws.receive()).data == "open"
+    closing = asyncio.ensure_future(server.close())
+    try:
+        msg = await ws.receive()
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, WSCloseCode.GOING_AWAY)
+        assert msg.extra == "the proxy is shutting down"  # not the cancelled handler's close
+        await until(lambda: ("closed", WSCloseCode.GOING_AWAY) in cluster.ws_events)
+    finally:
+        await closing

@@ -37,7 +37,7 @@ from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
 
 from .config import Settings
-from .errors import ERROR_HEADER, proxy_error
+from .errors import proxy_error
 from .redact import REDACTOR, mask_query
 
 log = logging.getLogger("squirro_proxy.guard")
@@ -437,8 +437,3 @@ def install(app: web.Application, settings: Settings) -> Guard:
         app.on_response_prepare.append(guard.add_cors_headers)
     return guard
 
-
-__all__ = [
-    "CODES", "CORS_ORIGIN", "ERROR_HEADER", "OPS_PREFIX", "PROBE_PATHS", "Guard",
-    "decode_path", "defer_expect", "install", "split_host", "target_problem",
-]

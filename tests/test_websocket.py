@@ -8,16 +8,18 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import WSCloseCode, WSMsgType
+from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from proxy.app import TOKENS, make_app
 from tests.conftest import Running, StartProxy, proxy_settings
 from tests.fakes import FakeCluster
+from tests.test_status_page import chromium
 
 ERROR_HEADER = "X-Squirro-Proxy-Error"
 
@@ -345,3 +347,56 @@ async def test_shutdown_closes_open_sockets_with_1001_at_once(
         await until(lambda: ("closed", WSCloseCode.GOING_AWAY) in cluster.ws_events)
     finally:
         await closing
+
+
+# --- in a real browser ------------------------------------------------------------------------
+
+BROWSER_PAGE = """<!doctype html><html><head><title>ws</title></head><body>waiting<script>
+const ws = new WebSocket(%r);
+ws.onopen = () => ws.send("from the browser");
+ws.onmessage = (e) => { document.body.textContent = "echo: " + e.data; ws.close(4000, "bye"); };
+ws.onclose = (e) => {
+  if (!document.body.textContent.startsWith("echo")) document.body.textContent = "closed " + e.code;
+};
+</script></body></html>"""
+
+
+@pytest.mark.browser
+async def test_browser_page_on_the_proxy_talks_over_a_socket(
+    proxy: Running, cluster: FakeCluster, tmp_path: Path
+) -> None:
+    """Chromium, on a page the proxy serves, opens a socket through it: its message comes back
+    and its close code reaches the cluster."""
+    page = BROWSER_PAGE % str(ws_url(proxy))
+
+    async def serve_page(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    cluster.hooks["echo"] = serve_page
+    dom = await chromium(tmp_path, proxy.url / "app", "--dump-dom", "--virtual-time-budget=5000")
+    assert "<body>echo: from the browser</body>" in dom
+    await until(lambda: ("closed", 4000) in cluster.ws_events)
+
+
+@pytest.mark.browser
+async def test_browser_page_from_another_site_cannot_open_a_socket(
+    proxy: Running, cluster: FakeCluster, tmp_path: Path
+) -> None:
+    """Chromium, on a page from another origin, cannot open a socket through the proxy: the
+    handshake is refused and never reaches the cluster."""
+    page = BROWSER_PAGE % str(ws_url(proxy))
+
+    async def serve_page(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    site = web.Application()
+    site.router.add_get("/", serve_page)
+    other = TestServer(site, host="127.0.0.1")
+    await other.start_server()
+    try:
+        dom = await chromium(tmp_path, URL(f"http://127.0.0.1:{other.port}/"), "--dump-dom",
+                             "--virtual-time-budget=5000")
+    finally:
+        await other.close()
+    assert "<body>closed 1006</body>" in dom  # what a page sees of a refused handshake
+    assert [r for r in cluster.api_requests() if r.raw_path == "/ws"] == []

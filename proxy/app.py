@@ -21,6 +21,7 @@ from .metrics import METRICS, make_metrics, stats_middleware
 from .ops import add_routes as add_ops_routes
 from .secret_watch import TokenFileWatcher
 from .tokens import TokenManager
+from .websocket import close_websockets
 
 SETTINGS = web.AppKey("settings", Settings)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -133,4 +134,6 @@ def make_app(settings: Settings) -> web.Application:
     # is read); `Expect: 100-continue` is answered only once they passed.
     install_guard(app, settings)
     app.router.add_route("*", "/{tail:.*}", forward, expect_handler=defer_expect)
+    # WebSockets would otherwise hold the graceful shutdown for its whole grace period.
+    app.on_shutdown.append(close_websockets)
     return app

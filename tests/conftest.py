@@ -8,11 +8,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from proxy.app import TOKENS, make_app
 from proxy.config import Secret, Settings
+from proxy.connection import ProxyAppRunner
+from proxy.tokens import TokenManager
 from tests.fakes import REFRESH_TOKEN, FakeCluster
 
 
@@ -21,16 +24,12 @@ class Running:
     """A started proxy: its URL, its app (for the token manager) and its settings."""
 
     url: URL
-    server: TestServer
+    app: web.Application
     settings: Settings
 
     @property
-    def app(self) -> Any:
-        return self.server.app
-
-    @property
-    def tokens(self) -> Any:
-        return self.server.app[TOKENS]
+    def tokens(self) -> TokenManager:
+        return self.app[TOKENS]
 
 
 @pytest.fixture
@@ -61,22 +60,26 @@ StartProxy = Callable[..., Awaitable[Running]]
 
 @pytest.fixture
 async def start_proxy(cluster_url: URL) -> AsyncIterator[StartProxy]:
-    """Start a proxy in front of the fake cluster; keyword arguments override Settings."""
-    servers: list[TestServer] = []
+    """Start a proxy in front of the fake cluster, served as the CLI serves it (same runner,
+    same connection handling); keyword arguments override Settings."""
+    runners: list[web.AppRunner] = []
 
     async def start(wait_token: bool = True, **overrides: Any) -> Running:
         settings = proxy_settings(overrides.pop("cluster", cluster_url), **overrides)
-        server = TestServer(make_app(settings), host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        running = Running(URL(f"http://127.0.0.1:{server.port}"), server, settings)
+        app = make_app(settings)
+        runner = ProxyAppRunner(app, header_timeout=settings.header_timeout,
+                                handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        running = Running(URL(f"http://127.0.0.1:{runner.addresses[0][1]}"), app, settings)
         if wait_token:
             await running.tokens.wait_first()
         return running
 
     yield start
-    for server in reversed(servers):
-        await server.close()
+    for runner in reversed(runners):
+        await runner.cleanup()
 
 
 @pytest.fixture

@@ -323,11 +323,6 @@ async def test_handshake_from_allowed_page_opens(
         assert (await ws.receive()).data == "allowed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs make_app to register websocket.close_websockets on app.on_shutdown "
-           "(proxy/app.py, not this module's to edit)",
-)
 async def test_shutdown_closes_open_sockets_with_1001_at_once(
     cluster_url: URL, cluster: FakeCluster, client: aiohttp.ClientSession
 ) -> None:

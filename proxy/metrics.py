@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from bisect import bisect_left
 from collections import deque
@@ -74,9 +75,8 @@ class UpstreamError:
 class RequestStats:
     """Counters the request middleware updates; read by the collector and the status page."""
 
-    __slots__ = ("bytes_in", "bytes_out", "in_flight", "latency_buckets", "latency_count",
-                 "latency_sum", "recent_errors", "recent_latencies", "requests", "retried",
-                 "started")
+    __slots__ = ("bytes_in", "bytes_out", "in_flight", "latency_buckets", "latency_sum",
+                 "recent_errors", "recent_latencies", "requests", "retried", "started")
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str], int] = {}  # (method, status class) -> count
@@ -86,7 +86,6 @@ class RequestStats:
         self.retried = 0
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # not cumulative; last: +Inf
         self.latency_sum = 0.0
-        self.latency_count = 0
         self.recent_latencies: deque[float] = deque(maxlen=RECENT_LATENCIES)
         self.recent_errors: deque[UpstreamError] = deque(maxlen=RECENT_ERRORS)
         self.started = time.time()
@@ -110,7 +109,6 @@ class RequestStats:
         if latency is not None:
             self.latency_buckets[bisect_left(LATENCY_BUCKETS, latency)] += 1
             self.latency_sum += latency
-            self.latency_count += 1
             self.recent_latencies.append(latency)
         if status >= 500:
             self._note_error(request, status, response)
@@ -137,8 +135,8 @@ class RequestStats:
             if not ordered:
                 out[f"p{p:g}"] = None
                 continue
-            rank = max(1, -(-len(ordered) * p // 100))  # ceil without floats going astray
-            out[f"p{p:g}"] = ordered[int(rank) - 1]
+            rank = max(1, math.ceil(len(ordered) * p / 100))
+            out[f"p{p:g}"] = ordered[rank - 1]
         return out
 
 

@@ -10,7 +10,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from proxy.metrics import METRICS, REFRESH_FAILURE_REASONS
+from proxy.metrics import METRICS, REFRESH_FAILURE_REASONS, RequestStats
 from tests.conftest import Running, StartProxy
 from tests.fakes import FakeCluster, pattern
 from tests.test_ops import closed_port, until
@@ -260,3 +260,21 @@ async def test_answers_the_proxy_made_count_too(
     async with client.get(proxy.url / "api/x") as resp:
         assert resp.status == 503
     assert requests_by(await scrape(client, proxy)) == {("GET", "5xx"): 1}
+
+
+@pytest.mark.parametrize(
+    ("latencies", "expected"),
+    [
+        ([], {"p50": None, "p90": None, "p99": None}),
+        ([0.5], {"p50": 0.5, "p90": 0.5, "p99": 0.5}),
+        ([i / 100 for i in range(100, 0, -1)], {"p50": 0.5, "p90": 0.9, "p99": 0.99}),
+        ([0.1, 0.2, 0.3, 10.0], {"p50": 0.2, "p90": 10.0, "p99": 10.0}),
+    ],
+)
+def test_status_percentiles_are_nearest_rank(
+    latencies: list[float], expected: dict[str, float | None]
+) -> None:
+    """The status page's percentiles: nearest rank over the recent upstream latencies."""
+    stats = RequestStats()
+    stats.recent_latencies.extend(latencies)
+    assert stats.percentiles(50, 90, 99) == expected

@@ -347,3 +347,22 @@ async def test_closed_port_is_a_clear_token_failure(
     async with client.get(proxy.url / "api/x") as resp:
         body = await resp.json()
     assert resp.status == 503 and f"cannot connect to 127.0.0.1:{port}" in body["detail"]
+
+
+async def test_check_names_the_corporate_proxy_without_its_password(
+    tls_cluster_url: URL, private_ca: PrivateCA, forward_proxy: tuple[ForwardProxy, str],
+    tmp_path: Path,
+) -> None:
+    """`check` goes through HTTPS_PROXY and shows its address, never its credentials."""
+    fp, fp_url = forward_proxy
+    with_credentials = fp_url.replace("http://", "http://alice:pr0xy-pa55word@")
+    code, out, err = await run_check(
+        {"SQUIRRO_CLUSTER": str(tls_cluster_url), "SQUIRRO_TOKEN": REFRESH_TOKEN,
+         "HTTPS_PROXY": with_credentials, "NO_PROXY": "", "no_proxy": ""},
+        tmp_path, "--ca-bundle", str(private_ca.ca_pem),
+    )
+    assert code == 0, err
+    port = URL(fp_url).port
+    assert f"via proxy:    127.0.0.1:{port} (HTTPS_PROXY)" in out
+    assert "pr0xy-pa55word" not in out + err and "alice" not in out + err
+    assert fp.seen == [f"CONNECT 127.0.0.1:{tls_cluster_url.port} HTTP/1.1"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import http.client
@@ -26,7 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,8 @@ class Transfer:
     seconds: float
     rss_growth: int | None  # bytes above the RSS before the transfer; None: not measured
     ok: bool
+    cpu: float = 0.0  # CPU seconds the server in the middle spent (the figure least disturbed
+    # by other work on a shared machine)
 
     @property
     def mib_s(self) -> float:
@@ -235,6 +238,13 @@ def sse_latencies(server: Server, count: int = 20, interval: float = 0.05) -> li
 # --- the run ------------------------------------------------------------------------------------
 
 
+# Each way with either framing: (function, keyword arguments).
+TRANSFERS: tuple[tuple[Callable[..., Transfer], dict[str, bool]], ...] = (
+    (download, {"length": True}), (download, {"length": False}),
+    (upload, {"chunked": True}), (upload, {"chunked": False}),
+)
+
+
 def parse_size(text: str) -> int:
     """`1GiB`, `256MiB` or plain bytes."""
     for suffix, factor in (("GiB", 1024 * MiB), ("MiB", MiB)):
@@ -265,23 +275,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         for through in [s for s in (stack.nginx, stack.upstream) if s is not None] + [proxy]:
             measured = proxy if through is proxy else None
             with overall if through is proxy else contextlib.nullcontext():
-                results.append(download(through, args.size, measured))
-                results.append(download(through, args.size, measured, length=False))
-                results.append(upload(through, args.size, measured, chunked=True))
-                results.append(upload(through, args.size, measured, chunked=False))
-        print(f"\n{'transfer':<20} {'through':<14} {'MiB/s':>8} {'s':>7} {'RSS +MiB':>9}  "
-              "sha256")
+                for transfer, options in TRANSFERS:
+                    cpu = through.cpu()
+                    result = transfer(through, args.size, measured, **options)
+                    results.append(dataclasses.replace(result, cpu=through.cpu() - cpu))
+        print(f"\n{'transfer':<20} {'through':<14} {'MiB/s':>8} {'s':>7} {'CPU s/GiB':>10} "
+              f"{'RSS +MiB':>9}  sha256")
         for r in results:
             growth = f"{r.rss_growth / MiB:9.1f}" if r.rss_growth is not None else f"{'':>9}"
-            print(f"{r.what:<20} {r.through:<14} {r.mib_s:8.0f} {r.seconds:7.2f} {growth}  "
-                  f"{'ok' if r.ok else 'MISMATCH'}")
+            print(f"{r.what:<20} {r.through:<14} {r.mib_s:8.0f} {r.seconds:7.2f} "
+                  f"{r.cpu * 1024 * MiB / r.size:10.2f} {growth}  {'ok' if r.ok else 'MISMATCH'}")
         if stack.nginx is not None:
             print()
             for what in dict.fromkeys(r.what for r in results):
                 ours = next(r for r in results if r.what == what and r.through == proxy.name)
                 peer = next(r for r in results if r.what == what and r.through == "nginx")
                 print(f"{what:<20} proxy/nginx throughput {ours.mib_s / peer.mib_s:5.2f} "
-                      "(target >= 0.8)")
+                      f"(target >= 0.8), CPU per byte {ours.cpu / max(peer.cpu, 1e-9):5.1f}x")
         print()
         for through in [s for s in (stack.nginx, proxy) if s is not None]:
             lat = sse_latencies(through)

@@ -1,0 +1,1 @@
+"""Benchmarks: run by hand (`python -m tests.benchmarks.run`), never collected by pytest."""

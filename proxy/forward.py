@@ -21,7 +21,7 @@ from yarl import URL
 from .config import Settings
 from .errors import proxy_error
 from .headers import client_response_headers, upstream_request_headers
-from .tokens import TokenError, TokenManager
+from .tokens import TokenError, TokenManager, tls_untrusted_reason
 
 log = logging.getLogger("squirro_proxy.forward")
 
@@ -195,6 +195,8 @@ def upstream_failure(
             504, "cluster_timeout",
             f"the cluster did not answer within {settings.read_timeout:g} s (--read-timeout)",
         )
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return proxy_error(502, "cluster_tls_untrusted", tls_untrusted_reason(exc))
     if isinstance(exc, aiohttp.ClientConnectorError):
         return proxy_error(
             502, "cluster_unreachable",

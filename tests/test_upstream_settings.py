@@ -95,6 +95,21 @@ async def test_private_ca_is_refused_without_the_bundle(
         assert resp.status == 503 and resp.headers[ERROR_HEADER] == "token_unavailable"
 
 
+async def test_untrusted_certificate_on_forwarding_path_says_so(
+    start_proxy: StartProxy, tls_cluster_url: URL, client: aiohttp.ClientSession,
+) -> None:
+    """A certificate refused while forwarding gives 502 cluster_tls_untrusted naming --ca-bundle."""
+    from proxy.forward import UPSTREAM
+
+    proxy = await start_proxy()  # token from the plain-http fake
+    # The cluster now answers over TLS with a certificate of an unknown CA.
+    object.__setattr__(proxy.app[UPSTREAM], "base", str(tls_cluster_url))
+    async with client.get(proxy.url / "api/x") as resp:
+        assert resp.status == 502
+        assert resp.headers[ERROR_HEADER] == "cluster_tls_untrusted"
+        assert "--ca-bundle" in (await resp.json())["detail"]
+
+
 async def test_insecure_skips_verification(
     start_proxy: StartProxy, tls_cluster_url: URL, client: aiohttp.ClientSession,
 ) -> None:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .config import Secret
+from .tasks import cancel_and_wait
 from .tokens import TokenError, TokenManager, TokenRejected, backoff_delay
 
 log = logging.getLogger("squirro_proxy.token_file")
@@ -59,11 +60,8 @@ class TokenFileWatcher:
         self._task = asyncio.create_task(self._run(), name="token-file-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def reload_now(self) -> None:
         """Re-read the file at once, changed or not (SIGHUP)."""

@@ -20,6 +20,7 @@ from yarl import URL
 
 from .config import Secret
 from .redact import REDACTOR
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("squirro_proxy.tokens")
 
@@ -246,16 +247,9 @@ class TokenManager:
         self._task = asyncio.create_task(self._run(), name="token-refresh")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        inflight = self._inflight
-        if inflight is not None and not inflight.done():
-            inflight.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TokenError):
-                await inflight
+        await cancel_and_wait(self._task)
+        self._task = None
+        await cancel_and_wait(self._inflight, TokenError)
         if not self._first.done():
             self._first.cancel()
 

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import io
 import os
-import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -18,22 +17,13 @@ from yarl import URL
 
 from tests.conftest import Running, StartProxy
 from tests.fakes import FakeCluster
+from tests.helpers import closed_port, raw_exchange
 
 ERROR_HEADER = "X-Squirro-Proxy-Error"
 
 
 def _auth_headers(data: dict) -> list[str]:  # type: ignore[type-arg]
     return [v for k, v in data["headers"] if k.lower() == "authorization"]
-
-
-async def _raw_request(url: URL, request: bytes) -> bytes:
-    """Send bytes over a fresh socket and read the whole answer (the server closes)."""
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    writer.write(request)
-    await writer.drain()
-    data = await reader.read()
-    writer.close()
-    return data
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS",
@@ -74,7 +64,7 @@ async def test_raw_path_and_query_byte_for_byte(
 ) -> None:
     """Percent-escapes, repeated keys and their order arrive exactly as sent."""
     request = f"GET {raw} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
-    answer = await _raw_request(proxy.url, request)
+    answer = await raw_exchange(proxy.url, request)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert cluster.api_requests()[-1].raw_path == raw
 
@@ -128,7 +118,7 @@ async def test_repeated_request_headers_kept_in_order(
         b"X-Multi: b\r\nx-multi: c\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\n"
         b"Keep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic eDp5\r\n\r\n"
     )
-    answer = await _raw_request(proxy.url, request)
+    answer = await raw_exchange(proxy.url, request)
     assert answer.startswith(b"HTTP/1.1 200")
     seen = cluster.api_requests()[-1].headers
     assert [(k, v) for k, v in seen if k.lower() == "x-multi"] == [
@@ -211,7 +201,7 @@ async def test_no_automatic_headers_added(
 ) -> None:
     """The proxy adds no User-Agent, Accept or Accept-Encoding the client did not send."""
     request = b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    await _raw_request(proxy.url, request)
+    await raw_exchange(proxy.url, request)
     names = {k.lower() for k, _ in cluster.api_requests()[-1].headers}
     assert not names & {"user-agent", "accept-encoding", "accept", "cookie"}
 
@@ -360,12 +350,6 @@ async def test_same_token_again_asks_again(
 # --- upstream failures ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_cluster_down_after_start_gives_502(
     start_proxy: StartProxy, cluster: FakeCluster, client: aiohttp.ClientSession
 ) -> None:
@@ -375,7 +359,7 @@ async def test_cluster_down_after_start_gives_502(
     from proxy.forward import UPSTREAM
 
     up = proxy.app[UPSTREAM]
-    object.__setattr__(up, "base", f"http://127.0.0.1:{_free_port()}")
+    object.__setattr__(up, "base", f"http://127.0.0.1:{closed_port()}")
     async with client.get(proxy.url / "api/x") as resp:
         assert resp.status == 502
         assert resp.headers[ERROR_HEADER] == "cluster_unreachable"

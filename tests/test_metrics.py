@@ -13,7 +13,7 @@ from yarl import URL
 from proxy.metrics import METRICS, REFRESH_FAILURE_REASONS, RequestStats
 from tests.conftest import Running, StartProxy
 from tests.fakes import FakeCluster, pattern
-from tests.test_ops import closed_port, until
+from tests.helpers import closed_port, until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import json
 import logging
 import re
-import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -23,16 +21,10 @@ from proxy.errors import ERROR_HEADER
 from proxy.logs import JsonFormatter, TextFormatter
 from tests.conftest import Running, StartProxy
 from tests.fakes import REFRESH_TOKEN, FakeCluster
+from tests.helpers import closed_port, until
 from tests.test_cli import ProxyProcess, spawn
 
 CLIENT_TOKEN = "client-token-for-ops-tests-0123"
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait until `condition()` holds, checking every few milliseconds."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 async def fetch(client: aiohttp.ClientSession, url: URL, **kw: object
@@ -52,13 +44,6 @@ async def cli_process(*args: str, env: dict[str, str], cwd: Path
         if proc.proc.returncode is None:
             proc.proc.kill()
             await proc.proc.wait()
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- liveness and readiness ----------------------------------------------------------------------

@@ -4,7 +4,6 @@ browser fails these tests rather than skipping them."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import struct
@@ -17,9 +16,8 @@ from yarl import URL
 
 from tests.conftest import Running, StartProxy
 from tests.fakes import REFRESH_TOKEN, FakeCluster
-from tests.test_ops import until
+from tests.helpers import chromium, until
 
-CHROMIUM = Path("/usr/bin/chromium")
 WINDOW = (1280, 1000)
 GREEN = (0x17, 0x80, 0x3D)  # --ok in status.html
 RED = (0xC0, 0x26, 0x2D)  # --bad
@@ -27,21 +25,6 @@ RED = (0xC0, 0x26, 0x2D)  # --bad
 KEEP = Path(__file__).resolve().parent.parent / "build" / "screenshots"
 
 pytestmark = pytest.mark.browser
-
-
-async def chromium(tmp_path: Path, url: URL, *args: str) -> str:
-    """Run headless chromium on `url`; returns its stdout (e.g. the DOM for --dump-dom)."""
-    assert CHROMIUM.exists(), "Debian's chromium is needed: apt-get install chromium"
-    profile = tmp_path / "profile"
-    proc = await asyncio.create_subprocess_exec(
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
-        "--disable-background-networking", "--disable-component-update", "--no-first-run",
-        "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args, str(url),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 45)
-    assert proc.returncode == 0, err.decode()[-2000:]
-    return out.decode()
 
 
 async def screenshot(tmp_path: Path, url: URL, name: str) -> Path:

@@ -14,25 +14,16 @@ from pathlib import Path
 import aiohttp
 import httpx
 import pytest
-from yarl import URL
 
 from tests.conftest import Running, StartProxy
 from tests.fakes import ENCODED_BODIES, FakeCluster, pattern
+from tests.helpers import raw_exchange, until
 
 MiB = 1024 * 1024
 ERROR_HEADER = "X-Squirro-Proxy-Error"
 # Socket buffers on both hops (loopback autotuning reaches a few MiB each) plus the proxy's own
 # small buffers: anything under this means the stream stalled instead of piling up in memory.
 STALL_BOUND = 48 * MiB
-
-
-async def until(condition: Callable[[], object], timeout: float = 15.0) -> None:
-    """Wait for a condition the proxy or the fake cluster reaches on its own."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 async def until_stalled(progress: Callable[[], int], quiet: float = 0.5,
@@ -73,16 +64,6 @@ class CountedBody:
 
 def pattern_sha256(size: int, seed: int = 0) -> str:
     return hashlib.sha256(pattern(size, seed)).hexdigest()
-
-
-async def raw_exchange(url: URL, request: bytes) -> bytes:
-    """Send bytes over a fresh socket and read until the proxy closes it."""
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    writer.write(request)
-    await writer.drain()
-    data = await reader.read()
-    writer.close()
-    return data
 
 
 async def run(*argv: str) -> tuple[int, bytes, bytes]:

@@ -16,7 +16,8 @@ from proxy.config import Secret
 from proxy.secret_watch import TokenFileWatcher
 from tests.conftest import Running, StartProxy
 from tests.fakes import REFRESH_TOKEN, FakeCluster
-from tests.test_ops import cli_process, until
+from tests.helpers import until
+from tests.test_ops import cli_process
 
 NEW_TOKEN = "refresh-token-from-the-new-secret-0001"
 

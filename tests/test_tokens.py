@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -13,17 +12,9 @@ import pytest
 from proxy.tokens import TokenRejected, backoff_delay
 from tests.conftest import Running, StartProxy
 from tests.fakes import FakeCluster
+from tests.helpers import until
 
 ERROR_HEADER = "X-Squirro-Proxy-Error"
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll a condition (no fixed sleeps); fail the test if it does not come true in time."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def test_refreshes_ahead_of_expiry(
@@ -33,7 +24,7 @@ async def test_refreshes_ahead_of_expiry(
     cluster.lifetime = 1.0
     proxy = await start_proxy()
     first = proxy.tokens.current
-    await wait_for(lambda: cluster.token_calls >= 3)
+    await until(lambda: cluster.token_calls >= 3)
     second_at = proxy.tokens.history[1].at
     elapsed = second_at - first.obtained_wall
     assert 0.6 <= elapsed < 1.0, elapsed  # refreshed before expiry, not too early
@@ -62,7 +53,7 @@ async def test_default_lifetime_when_no_expires_in(
     cluster.lifetime = None
     proxy = await start_proxy(token_lifetime=0.5)
     assert proxy.tokens.current.lifetime == 0.5
-    await wait_for(lambda: cluster.token_calls >= 3)
+    await until(lambda: cluster.token_calls >= 3)
 
 
 async def test_expires_in_honoured(start_proxy: StartProxy, cluster: FakeCluster) -> None:
@@ -77,7 +68,7 @@ async def test_rotation_followed(start_proxy: StartProxy, cluster: FakeCluster) 
     cluster.rotate = True
     cluster.lifetime = 0.3
     await start_proxy()
-    await wait_for(lambda: cluster.token_calls >= 4)
+    await until(lambda: cluster.token_calls >= 4)
     forms = cluster.token_forms
     assert all(f["grant_type"] == "refresh_token" for f in forms)
     # Each exchange sent the token the previous answer handed out, and all succeeded.
@@ -132,10 +123,10 @@ async def test_failed_refresh_keeps_valid_token_then_503(
     cluster.lifetime = 1.0
     proxy = await start_proxy()
     cluster.token_down = True
-    await wait_for(lambda: cluster.token_calls >= 2)  # a refresh failed
+    await until(lambda: cluster.token_calls >= 2)  # a refresh failed
     async with client.get(proxy.url / "api/x") as resp:
         assert resp.status == 200  # still within the old token's lifetime
-    await wait_for(lambda: not proxy.tokens.current.valid(time.monotonic()))
+    await until(lambda: not proxy.tokens.current.valid(time.monotonic()))
     seen_before = len(cluster.api_requests())
     async with client.get(proxy.url / "api/x") as resp:
         assert resp.status == 503
@@ -143,7 +134,7 @@ async def test_failed_refresh_keeps_valid_token_then_503(
         assert "Retry-After" in resp.headers
     assert len(cluster.api_requests()) == seen_before  # the stale token was never sent
     cluster.token_down = False
-    await wait_for(lambda: proxy.tokens.current.valid(time.monotonic()))
+    await until(lambda: proxy.tokens.current.valid(time.monotonic()))
     async with client.get(proxy.url / "api/x") as resp:
         assert resp.status == 200
 
@@ -155,8 +146,8 @@ async def test_revoked_refresh_token_later_gives_503_token_rejected(
     cluster.lifetime = 0.5
     proxy = await start_proxy()
     cluster.refresh_token = "something-else-entirely"  # the proxy's token is now invalid
-    await wait_for(lambda: proxy.tokens.failure is not None and proxy.tokens.failure.final)
-    await wait_for(lambda: not proxy.tokens.current.valid(time.monotonic()))
+    await until(lambda: proxy.tokens.failure is not None and proxy.tokens.failure.final)
+    await until(lambda: not proxy.tokens.current.valid(time.monotonic()))
     async with client.get(proxy.url / "api/x") as resp:
         assert resp.status == 503
         assert resp.headers[ERROR_HEADER] == "token_rejected"

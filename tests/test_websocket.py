@@ -6,8 +6,6 @@ import asyncio
 import base64
 import contextlib
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -19,18 +17,9 @@ from yarl import URL
 from proxy.app import TOKENS, make_app
 from tests.conftest import Running, StartProxy, proxy_settings
 from tests.fakes import FakeCluster
-from tests.test_status_page import chromium
+from tests.helpers import chromium, until
 
 ERROR_HEADER = "X-Squirro-Proxy-Error"
-
-
-async def until(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    """Wait for a condition the proxy or the fake cluster reaches on its own."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 def handshake_headers() -> dict[str, str]:

@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from .config import Settings
-from .forward import UPSTREAM, Upstream, forward
+from .forward import UPSTREAM, Upstream, ensure_request_id, forward
 from .guard import defer_expect
 from .guard import install as install_guard
 from .logs import AccessLogger
@@ -136,4 +136,5 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_route("*", "/{tail:.*}", forward, expect_handler=defer_expect)
     # WebSockets would otherwise hold the graceful shutdown for its whole grace period.
     app.on_shutdown.append(close_websockets)
+    app.on_response_prepare.append(ensure_request_id)
     return app

@@ -110,6 +110,13 @@ def request_id(request: web.BaseRequest) -> str:
     return os.urandom(12).hex()
 
 
+async def ensure_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare` hook: the proxy's own answers (refusals, 502/503/504, /-/ pages)
+    carry an X-Request-ID too, so a user can quote it whatever answered."""
+    if REQUEST_ID not in response.headers:
+        response.headers[REQUEST_ID] = request_id(request)
+
+
 async def forward(request: web.Request) -> web.StreamResponse:
     """Proxy one request to the cluster."""
     up = request.app[UPSTREAM]

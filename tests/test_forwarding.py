@@ -413,3 +413,34 @@ async def test_no_token_yet_gives_503_with_retry_after(
     await proxy.tokens.wait_first()
     async with client.get(proxy.url / "api/x") as resp:
         assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/api/x", {"Host": "evil.example"}, 403),  # refused by the guard
+        ("/-/healthy", {}, 200),  # answered by the proxy itself
+    ],
+)
+async def test_proxys_own_answers_carry_request_id(
+    proxy: Running, client: aiohttp.ClientSession, path: str, headers: dict[str, str],
+    status: int,
+) -> None:
+    """Refusals and the proxy's own pages carry X-Request-ID: a given one kept, else a new one."""
+    async with client.get(proxy.url.with_path(path), headers=headers) as resp:
+        assert resp.status == status
+        assert len(resp.headers["X-Request-ID"]) == 24
+    given = {**headers, "X-Request-ID": "support-ticket-42"}
+    async with client.get(proxy.url.with_path(path), headers=given) as resp:
+        assert resp.headers["X-Request-ID"] == "support-ticket-42"
+
+
+async def test_token_error_carries_request_id(
+    start_proxy: StartProxy, cluster: FakeCluster, client: aiohttp.ClientSession
+) -> None:
+    """A 503 for want of a token carries the request's X-Request-ID."""
+    cluster.token_down = True
+    proxy = await start_proxy(wait_token=False)
+    async with client.get(proxy.url / "api/x", headers={"X-Request-ID": "abc-123"}) as resp:
+        assert resp.status == 503
+        assert resp.headers["X-Request-ID"] == "abc-123"

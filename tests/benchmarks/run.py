@@ -168,12 +168,13 @@ def check_tools(install: bool, need_py_spy: bool, need_valgrind: bool) -> list[s
 
 
 class Bench:
+    """One run: the upstream, the contenders, and every figure measured, by (target, metric)."""
+
     def __init__(self, args: argparse.Namespace, tmp: Path, body_tmp: Path) -> None:
         self.args = args
         self.tmp = tmp
         self.body_tmp = body_tmp
         self.values: Values = defaultdict(list)
-        self.notes: list[str] = []
         self.blocker = write_uvloop_blocker(tmp)
         check_uvloop_blocker(self.blocker)
         self.workdir = tmp / "cwd"
@@ -244,8 +245,8 @@ class Bench:
             measure.wrk(server, connections=32, duration=1)  # warm the pools up
             cpu = server.cpu()
             result = measure.wrk(server, connections=32, duration=self.args.duration)
-            # CPU time per request hardly depends on what else runs on the machine, unlike
-            # requests/s: the steadier figure for comparing two versions of the proxy.
+            # CPU time per request swings less than requests/s when other work shares the
+            # machine (though it still swings: see the `instructions` phase for A/B work).
             cpu_us = (server.cpu() - cpu) / result.requests * 1e6
             self._check(server, result)
             self.record(server.name, "rps", result.rps)

@@ -6,7 +6,6 @@ reverse order: the upstream session, then the token manager and its refresh task
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -19,8 +18,10 @@ from .guard import install as install_guard
 from .logs import AccessLogger
 from .metrics import METRICS, make_metrics, stats_middleware
 from .ops import add_routes as add_ops_routes
+from .routing import CatchAll
 from .secret_watch import TokenFileWatcher
 from .tokens import TokenManager
+from .upstream import make_session
 from .websocket import close_websockets
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -28,35 +29,6 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 TOKENS = web.AppKey("tokens", TokenManager)
 KEEPALIVE_TIMEOUT = 75.0
 TOKEN_FILE_WATCHER = web.AppKey("token_file_watcher", TokenFileWatcher)
-
-
-def upstream_ssl(settings: Settings) -> ssl.SSLContext | bool:
-    if settings.insecure:
-        return False
-    if settings.ca_bundle is not None:
-        return ssl.create_default_context(cafile=str(settings.ca_bundle))
-    return True
-
-
-def make_session(settings: Settings) -> aiohttp.ClientSession:
-    """The one upstream session: no cookie jar, no decompression, idle timeouts only."""
-    connector = aiohttp.TCPConnector(
-        limit=settings.pool_size, ssl=upstream_ssl(settings), enable_cleanup_closed=False,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        # No total timeout: downloads and event streams may last for hours.
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
-        ),
-        # Send only what the client sent: no default User-Agent, Accept or Accept-Encoding.
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        trust_env=True,  # HTTPS_PROXY / NO_PROXY for corporate proxies
-        max_line_size=65536,
-        max_field_size=65536,
-    )
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -133,7 +105,7 @@ def make_app(settings: Settings) -> web.Application:
     # Host, Origin, client token and target checks run before any handler (and before any body
     # is read); `Expect: 100-continue` is answered only once they passed.
     install_guard(app, settings)
-    app.router.add_route("*", "/{tail:.*}", forward, expect_handler=defer_expect)
+    app.router.register_resource(CatchAll(forward, expect_handler=defer_expect))
     # WebSockets would otherwise hold the graceful shutdown for its whole grace period.
     app.on_shutdown.append(close_websockets)
     app.on_response_prepare.append(ensure_request_id)

@@ -19,11 +19,12 @@ from aiohttp import web
 from yarl import URL
 
 from . import demo
-from .app import TOKEN_FILE_WATCHER, TOKENS, make_app, make_session
+from .app import TOKEN_FILE_WATCHER, TOKENS, make_app
 from .config import ConfigError, Secret, Settings, load
 from .connection import ProxyAppRunner
 from .logs import configure
 from .tokens import Identity, TokenError, TokenManager, TokenRejected
+from .upstream import make_session
 
 log = logging.getLogger("squirro_proxy")
 

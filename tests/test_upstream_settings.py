@@ -4,6 +4,7 @@ proxies (HTTPS_PROXY / HTTP_PROXY / NO_PROXY), timeouts and the connection pool 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import socket
 import ssl
@@ -18,8 +19,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from proxy.app import make_session
 from proxy.errors import ERROR_HEADER
+from proxy.upstream import make_session
 from tests.conftest import StartProxy, proxy_settings
 from tests.fakes import REFRESH_TOKEN, FakeCluster
 from tests.helpers import closed_port, until
@@ -155,6 +156,7 @@ class ForwardProxy:
     """
 
     seen: list[str] = field(default_factory=list)
+    heads: list[bytes] = field(default_factory=list)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -165,6 +167,7 @@ class ForwardProxy:
             head = await reader.readuntil(b"\r\n\r\n")
             line = head.split(b"\r\n", 1)[0].decode()
             self.seen.append(line)
+            self.heads.append(head)
             method, target, _ = line.split(" ")
             if method == "CONNECT":
                 host, port = target.rsplit(":", 1)
@@ -249,6 +252,25 @@ async def test_http_proxy_carries_a_plain_http_cluster(
         assert resp.status == 200
     assert any(line == f"POST {cluster_url}/api/user/oauth2/token HTTP/1.1" for line in fp.seen)
     assert len(cluster.api_requests()) == 1
+
+
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy"])
+async def test_proxy_credentials_go_to_the_proxy_only(
+    start_proxy: StartProxy, cluster: FakeCluster, tls_cluster_url: URL, private_ca: PrivateCA,
+    forward_proxy: tuple[ForwardProxy, str], clean_proxy_env: pytest.MonkeyPatch,
+    client: aiohttp.ClientSession, variable: str,
+) -> None:
+    """user:password in the proxy URL becomes Proxy-Authorization on CONNECT, never reaches the
+    cluster."""
+    fp, fp_url = forward_proxy
+    clean_proxy_env.setenv(variable, fp_url.replace("http://", "http://corp%20user:s3cret@"))
+    proxy = await start_proxy(cluster=tls_cluster_url, ca_bundle=private_ca.ca_pem)
+    async with client.get(proxy.url / "api/x") as resp:
+        assert resp.status == 200
+    expected = b"Proxy-Authorization: Basic " + base64.b64encode(b"corp user:s3cret")
+    assert fp.heads and all(expected in head for head in fp.heads)
+    seen = cluster.api_requests()[-1].headers
+    assert not [k for k, _ in seen if k.lower() == "proxy-authorization"]
 
 
 async def test_no_proxy_bypasses_the_corporate_proxy(

@@ -100,7 +100,7 @@ class Identity:
 @dataclass(frozen=True, slots=True)
 class RefreshEvent:
     at: float  # epoch seconds
-    trigger: str  # startup | scheduled | 401 | token-file
+    trigger: str  # startup | scheduled | expired | 401 | token-file | check
     ok: bool
     reason: str  # "ok" or why it failed; never a token
     duration: float
@@ -166,6 +166,15 @@ class TokenManager:
         if current is not None and self._clock() < current.expires_at:
             return current
         inflight = self._inflight
+        if (
+            (inflight is None or inflight.done())
+            and self._clock() >= self._retry_at
+            and not (self.failure is not None and self.failure.final)
+        ):
+            # Expired with nothing under way: the scheduled refresh is late (a saturated event
+            # loop runs timers late). Start it now rather than fail the request; never inside a
+            # backoff, never after a final refusal.
+            inflight = self._start_exchange("expired")
         if inflight is not None and not inflight.done():
             # An exchange is under way (start-up, or the scheduled one running late): its
             # answer is worth the short wait.
@@ -222,13 +231,19 @@ class TokenManager:
             AccessToken]:
         """Join the exchange under way, or start one. Shielded: a caller that goes away (client
         disconnected) does not cancel the exchange the others are waiting for."""
+        return asyncio.shield(self._start_exchange(trigger, stale))
+
+    def _start_exchange(
+        self, trigger: str, stale: AccessToken | None = None
+    ) -> asyncio.Task[AccessToken]:
+        """The exchange under way, or a new one."""
         inflight = self._inflight
         if inflight is None or inflight.done():
             inflight = asyncio.create_task(self._refresh_job(trigger, stale), name="token-exchange")
             # Mark the outcome retrieved even if every waiter went away.
             inflight.add_done_callback(_consume)
             self._inflight = inflight
-        return asyncio.shield(inflight)
+        return inflight
 
     async def _refresh_job(self, trigger: str, stale: AccessToken | None) -> AccessToken:
         new = await self._exchange_logged(trigger)

@@ -183,3 +183,20 @@ def test_backoff_grows_with_jitter_and_cap() -> None:
     assert max(first) <= 0.5 < max(fifth)
     assert len(set(first)) > 1  # jittered
     assert max(late) <= 30.0
+
+
+async def test_late_scheduled_refresh_does_not_fail_requests(
+    start_proxy: StartProxy, cluster: FakeCluster, client: aiohttp.ClientSession
+) -> None:
+    """A token that expired before its scheduled refresh ran (a stalled event loop) is renewed
+    by the next request, which waits for it instead of getting a 503."""
+    cluster.lifetime = 0.3
+    proxy = await start_proxy()
+    # Stall the background refresh: the token expires with no exchange under way.
+    await proxy.tokens.stop()
+    await until(lambda: not proxy.tokens.current.valid(time.monotonic()))
+    calls = cluster.token_calls
+    async with client.get(proxy.url / "api/x") as resp:
+        assert resp.status == 200
+    assert cluster.token_calls == calls + 1
+    assert proxy.tokens.history[-1].trigger == "expired"

@@ -55,6 +55,12 @@ def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = No
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    # Neither format shows the caller's file and line, thread or process: don't look them up
+    # for every record (the logging HOWTO's "Optimization" advice).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root.setLevel(logging.WARNING)  # libraries stay quiet unless something is wrong
     logging.getLogger("squirro_proxy").setLevel(level.upper())
     # aiohttp's own access log is replaced by AccessLogger below.

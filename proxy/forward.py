@@ -48,6 +48,12 @@ class Upstream:
 UPSTREAM = web.AppKey("upstream", Upstream)
 
 
+class _HeadersWithBody(web.StreamResponse):
+    """A StreamResponse whose headers wait for the first body write, as web.Response's do."""
+
+    _send_headers_immediately = False
+
+
 class BodyTee:
     """Streams a request body and keeps a copy while it stays within `limit` bytes.
 
@@ -242,7 +248,10 @@ async def _relay(
         forward_cookies=up.settings.forward_cookies,
     )
     headers[REQUEST_ID] = rid
-    out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+    # With a known length the body follows at once: its first piece carries the headers (one
+    # send() instead of two). Streams of unknown length (event streams) get them at once.
+    response_class = web.StreamResponse if resp.content_length is None else _HeadersWithBody
+    out = response_class(status=resp.status, reason=resp.reason, headers=headers)
     await out.prepare(request)
     content = resp.content
     sent = 0

@@ -22,6 +22,7 @@ from yarl import URL
 from .config import Settings
 from .errors import proxy_error
 from .headers import client_response_headers, upstream_request_headers
+from .redact import mask_query
 from .tokens import TokenError, TokenManager, tls_untrusted_reason
 
 log = logging.getLogger("squirro_proxy.forward")
@@ -183,9 +184,11 @@ async def forward(request: web.Request) -> web.StreamResponse:
                     await up.tokens.refresh_after_401(token)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         return upstream_failure(exc, url, up.settings)
-    request[UPSTREAM_LATENCY] = time.monotonic() - started
+    request[UPSTREAM_LATENCY] = latency = time.monotonic() - started
     if tee is not None:
         request[BYTES_IN] = tee.size
+    if log.isEnabledFor(logging.DEBUG):
+        _debug_exchange(request, url, resp, latency)
 
     try:
         out = await _relay(up, request, resp, rid)
@@ -194,6 +197,19 @@ async def forward(request: web.Request) -> web.StreamResponse:
         raise
     resp.release()
     return out
+
+
+def _debug_exchange(
+    request: web.Request, url: URL, resp: aiohttp.ClientResponse, latency: float
+) -> None:
+    """--log-level debug: what went up and came back. Header names only: values may hold
+    credentials (Authorization, Cookie) and are never logged."""
+    log.debug(
+        "upstream %s %s%s -> %s %s in %.1f ms; request headers: %s; response headers: %s",
+        request.method, url.host, mask_query(url.raw_path_qs), resp.status, resp.reason or "",
+        latency * 1000, ", ".join(request.headers.keys()) or "-",
+        ", ".join(resp.headers.keys()) or "-",
+    )
 
 
 def upstream_failure(

@@ -338,6 +338,7 @@ class TokenManager:
             listener(event)
 
     async def _exchange(self) -> AccessToken:
+        log.debug("exchanging the refresh token at %s", self._token_url)
         form = {"grant_type": "refresh_token", "refresh_token": self._refresh_token.reveal()}
         if self._client_id:
             form["client_id"] = self._client_id

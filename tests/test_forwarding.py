@@ -444,3 +444,22 @@ async def test_token_error_carries_request_id(
     async with client.get(proxy.url / "api/x", headers={"X-Request-ID": "abc-123"}) as resp:
         assert resp.status == 503
         assert resp.headers["X-Request-ID"] == "abc-123"
+
+
+async def test_debug_log_names_headers_but_no_values(
+    start_proxy: StartProxy, cluster: FakeCluster, client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """--log-level debug shows the upstream exchange with header names, never their values."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="squirro_proxy")
+    proxy = await start_proxy()
+    headers = {"Cookie": "session=cookie-value-123", "Authorization": "Basic dXNlcjpwYXNz"}
+    async with client.get((proxy.url / "api/x").with_query(token="abc"), headers=headers) as resp:
+        assert resp.status == 200
+    text = caplog.text
+    assert "upstream GET 127.0.0.1/api/x?token=********" in text
+    assert "Cookie" in text and "Authorization" in text
+    for value in ("cookie-value-123", "dXNlcjpwYXNz", cluster.last_token, "token=abc"):
+        assert value not in text

@@ -38,14 +38,11 @@ from aiohttp.http import HttpVersion11
 
 from .config import Settings
 from .errors import proxy_error
+from .paths import OPS_PREFIX, PROBE_PATHS
 from .redact import REDACTOR, mask_query
 
 log = logging.getLogger("squirro_proxy.guard")
 
-# Probes are answered to any Host and without a client token; ops.py serves them.
-PROBE_PATHS = frozenset(("/-/healthy", "/-/ready"))
-# The proxy's own endpoints: never forwarded, so the path allow/deny lists do not apply.
-OPS_PREFIX = "/-/"
 
 LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "[::1]"))
 READ_METHODS = frozenset((hdrs.METH_GET, hdrs.METH_HEAD, hdrs.METH_OPTIONS))

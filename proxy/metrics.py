@@ -33,12 +33,10 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .errors import ERROR_HEADER
 from .forward import BYTES_IN, BYTES_OUT, RETRIED, UPSTREAM_LATENCY
+from .paths import OPS_PREFIX
 from .redact import mask_query
 from .tokens import TokenManager
 
-# Paths the proxy answers itself; they are not counted, or every probe and scrape would
-# drown the traffic an operator wants to see.
-OPS_PREFIX = "/-/"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BUCKET_LABELS = (*(repr(b) for b in LATENCY_BUCKETS), "+Inf")
 # Percentiles on the status page come from the most recent upstream latencies.
@@ -148,6 +146,8 @@ def stats_middleware(stats: RequestStats) -> Middleware:
         request: web.Request, handler: Handler
     ) -> web.StreamResponse:
         if request.raw_path.startswith(OPS_PREFIX):
+            # Not counted, or every probe and scrape would drown the traffic an operator
+            # wants to see.
             return await handler(request)
         stats.in_flight += 1
         # Defaults, so reading them afterwards never misses: a missing key costs a KeyError

@@ -26,16 +26,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import __version__
 from .errors import proxy_error
 from .forward import UPSTREAM
-from .metrics import METRICS, OPS_PREFIX, RequestStats
+from .metrics import METRICS, RequestStats
+from .paths import HEALTHY, OPS_PREFIX, READY, STATUS
+from .paths import METRICS as METRICS_PATH
 from .tokens import TokenManager
 
-HEALTHY = OPS_PREFIX + "healthy"
-READY = OPS_PREFIX + "ready"
-METRICS_PATH = OPS_PREFIX + "metrics"
-STATUS = OPS_PREFIX + "status"
 ENDPOINTS = (HEALTHY, READY, METRICS_PATH, STATUS)
-# Answered to any Host and without a client token (the guard exempts them).
-PROBES = frozenset((HEALTHY, READY))
 
 _NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 

@@ -21,11 +21,14 @@ from .ops import add_routes as add_ops_routes
 from .routing import CatchAll
 from .secret_watch import TokenFileWatcher
 from .tokens import TokenManager
-from .upstream import make_session
+from .upstream import make_session, refuse_redirects
 from .websocket import close_websockets
 
 SETTINGS = web.AppKey("settings", Settings)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+WS_SESSION = web.AppKey("ws_session", aiohttp.ClientSession)
+TOKEN_SESSION = web.AppKey("token_session", aiohttp.ClientSession)
+TOKEN_POOL_SIZE = 2
 TOKENS = web.AppKey("tokens", TokenManager)
 KEEPALIVE_TIMEOUT = 75.0
 TOKEN_FILE_WATCHER = web.AppKey("token_file_watcher", TokenFileWatcher)
@@ -33,22 +36,27 @@ TOKEN_FILE_WATCHER = web.AppKey("token_file_watcher", TokenFileWatcher)
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    session = make_session(settings)
-    app[SESSION] = session
+    # Three pools: requests, WebSockets (hours-long, redirects refused) and the token exchange
+    # (a couple of connections no stream can take).
+    app[SESSION] = make_session(settings)
+    app[WS_SESSION] = make_session(settings, middlewares=(refuse_redirects,))
+    app[TOKEN_SESSION] = make_session(settings, pool_size=TOKEN_POOL_SIZE)
     yield
-    await session.close()
+    for key in (TOKEN_SESSION, WS_SESSION, SESSION):
+        await app[key].close()
 
 
 async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     assert settings.token is not None, "config.load guarantees a token outside demo mode"
     tokens = TokenManager(
-        app[SESSION], settings.cluster, settings.token,
+        app[TOKEN_SESSION], settings.cluster, settings.token,
         default_lifetime=settings.token_lifetime, client_id=settings.client_id,
         client_secret=settings.client_secret, tenant=settings.tenant,
     )
     app[TOKENS] = tokens
-    app[UPSTREAM] = Upstream(settings, app[SESSION], tokens, str(settings.cluster).rstrip("/"))
+    app[UPSTREAM] = Upstream(settings, app[SESSION], app[WS_SESSION], tokens,
+                             str(settings.cluster).rstrip("/"))
     tokens.start()
     yield
     await tokens.stop()

@@ -42,6 +42,7 @@ class Upstream:
 
     settings: Settings
     session: aiohttp.ClientSession
+    ws_session: aiohttp.ClientSession  # WebSocket handshakes: own pool, redirects refused
     tokens: TokenManager
     base: str  # scheme://host[:port]/prefix, without a trailing slash
 
@@ -222,8 +223,9 @@ def upstream_failure(
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return proxy_error(
             504, "cluster_connect_timeout",
-            f"could not connect to the cluster at {url.host}:{url.port} within "
-            f"{settings.connect_timeout:g} s (--connect-timeout)",
+            f"no connection to the cluster at {url.host}:{url.port} within "
+            f"{settings.connect_timeout:g} s (--connect-timeout): the cluster did not accept, "
+            f"or all {settings.pool_size} connections (--pool-size) were busy",
         )
     if isinstance(exc, asyncio.TimeoutError):
         return proxy_error(
@@ -291,10 +293,19 @@ async def _relay(
         try:
             await out.write(chunk)
         except ConnectionError:
-            log.debug("the client went away during %s %s", request.method, request.path)
-            resp.close()
-            return out
-    await out.write_eof()
+            return _client_gone(request, resp, out)
+    try:
+        await out.write_eof()
+    except ConnectionError:
+        return _client_gone(request, resp, out)
+    return out
+
+
+def _client_gone(
+    request: web.Request, resp: aiohttp.ClientResponse, out: web.StreamResponse
+) -> web.StreamResponse:
+    log.debug("the client went away during %s %s", request.method, request.path)
+    resp.close()
     return out
 
 

@@ -54,18 +54,50 @@ def corporate_proxy(settings: Settings) -> URL | None:
     return URL(raw if "://" in raw else f"http://{raw}")
 
 
-def make_session(settings: Settings) -> aiohttp.ClientSession:
-    """The one upstream session, shared by every request and the token exchange."""
+class RedirectRefused(aiohttp.ClientError):
+    """The cluster answered a WebSocket handshake with a redirect, which is never followed."""
+
+    def __init__(self, status: int, location: str | None) -> None:
+        super().__init__(f"the cluster redirected the handshake ({status})")
+        self.status = status
+        self.location = location
+
+
+async def refuse_redirects(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """Client middleware for WebSocket handshakes: aiohttp's ws_connect always follows
+    redirects, possibly to another host and with the client's headers; stop at the first."""
+    response = await handler(request)
+    if response.status in (301, 302, 303, 307, 308):
+        location = response.headers.get("Location")
+        response.close()
+        raise RedirectRefused(response.status, location)
+    return response
+
+
+def make_session(
+    settings: Settings,
+    *,
+    pool_size: int | None = None,
+    middlewares: tuple[aiohttp.ClientMiddlewareType, ...] = (),
+) -> aiohttp.ClientSession:
+    """An upstream session. The app keeps three, each with its own pool, so that long streams
+    and WebSockets can never take every connection the token exchange needs."""
     connector = aiohttp.TCPConnector(
-        limit=settings.pool_size, ssl=upstream_ssl(settings), enable_cleanup_closed=False,
+        limit=pool_size or settings.pool_size, ssl=upstream_ssl(settings),
+        enable_cleanup_closed=False,
     )
     return aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         # No total timeout: downloads and event streams may last for hours.
+        # `connect` bounds the wait for a pool slot plus the connection itself, so a full pool
+        # answers 504 in time instead of queueing a request for ever.
         timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+            total=None, connect=settings.connect_timeout, sock_connect=settings.connect_timeout,
+            sock_read=settings.read_timeout,
         ),
         request_class=ProxyRequest,
         trust_env=False,
@@ -73,4 +105,5 @@ def make_session(settings: Settings) -> aiohttp.ClientSession:
         proxy=corporate_proxy(settings),
         max_line_size=65536,
         max_field_size=65536,
+        middlewares=middlewares,
     )

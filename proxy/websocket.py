@@ -31,8 +31,9 @@ from .forward import (
     token_error,
     upstream_failure,
 )
-from .headers import upstream_request_headers
+from .headers import rewrite_location, upstream_request_headers
 from .tokens import TokenError
+from .upstream import RedirectRefused
 
 log = logging.getLogger("squirro_proxy.websocket")
 
@@ -137,6 +138,14 @@ async def _connect(request: web.Request, up: Upstream, url: URL, rid: str,
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status != 401 or attempt == 2:
                 return _handshake_refused(exc)
+        except RedirectRefused as exc:
+            # Handed to the client unfollowed, pointing back at the proxy when it names the
+            # cluster, like any redirect the proxy relays.
+            headers = {}
+            if exc.location:
+                headers["Location"] = rewrite_location(
+                    exc.location, up.settings.cluster, f"{request.scheme}://{request.host}")
+            return web.Response(status=exc.status, headers=headers)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return upstream_failure(exc, url, up.settings)
         try:
@@ -157,7 +166,7 @@ async def _handshake(request: web.Request, up: Upstream, url: URL, bearer: str, 
         del headers[name]
     wants_deflate = "permessage-deflate" in request.headers.get(
         hdrs.SEC_WEBSOCKET_EXTENSIONS, "").lower()
-    return await up.session.ws_connect(
+    return await up.ws_session.ws_connect(
         url, headers=headers, protocols=offered, autoclose=False, autoping=False,
         # No receive timeout: a quiet socket is not a dead one (--read-timeout is for HTTP).
         timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),

@@ -404,3 +404,26 @@ async def test_check_names_the_corporate_proxy_without_its_password(
     assert f"via proxy:    127.0.0.1:{port} (HTTPS_PROXY)" in out
     assert "pr0xy-pa55word" not in out + err and "alice" not in out + err
     assert fp.seen == [f"CONNECT 127.0.0.1:{tls_cluster_url.port} HTTP/1.1"]
+
+
+async def test_open_streams_never_starve_the_token_exchange(
+    start_proxy: StartProxy, cluster: FakeCluster, client: aiohttp.ClientSession,
+) -> None:
+    """Streams holding every pooled connection: the token exchange still gets through (its own
+    pool), and a further request gets 504 within --connect-timeout instead of queueing."""
+    proxy = await start_proxy(pool_size=2, connect_timeout=0.5)
+    streams = [await client.get(proxy.url / "sse-live") for _ in range(2)]
+    try:
+        assert all(s.status == 200 for s in streams)
+        stale = proxy.tokens.current
+        new = await asyncio.wait_for(proxy.tokens.refresh_after_401(stale), 5)
+        assert new.value != stale.value
+        async with client.get(proxy.url / "api/x") as resp:
+            assert resp.status == 504
+            assert resp.headers[ERROR_HEADER] == "cluster_connect_timeout"
+            assert "--pool-size" in (await resp.json())["detail"]
+    finally:
+        for _ in streams:
+            cluster.sse_queue.put_nowait(None)
+        for s in streams:
+            s.close()

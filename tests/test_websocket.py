@@ -384,3 +384,34 @@ async def test_browser_page_from_another_site_cannot_open_a_socket(
         await other.close()
     assert "<body>closed 1006</body>" in dom  # what a page sees of a refused handshake
     assert [r for r in cluster.api_requests() if r.raw_path == "/ws"] == []
+
+
+async def test_handshake_redirect_is_not_followed(
+    start_proxy: StartProxy, cluster: FakeCluster, client: aiohttp.ClientSession,
+) -> None:
+    """A redirect answering the handshake goes back to the client; no socket to another host."""
+    seen: list[str] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.Response(text="not the cluster")
+
+    other_app = web.Application()
+    other_app.router.add_get("/elsewhere", elsewhere)
+    other = TestServer(other_app, host="127.0.0.1")
+    await other.start_server()
+
+    async def redirect(request: web.Request) -> web.Response:
+        location = f"http://127.0.0.1:{other.port}/elsewhere"
+        return web.Response(status=302, headers={"Location": location})
+
+    cluster.hooks["echo"] = redirect
+    proxy = await start_proxy()
+    try:
+        async with client.get(proxy.url / "service/genai/ws", headers=handshake_headers(),
+                              allow_redirects=False) as resp:
+            assert resp.status == 302
+            assert resp.headers["Location"] == f"http://127.0.0.1:{other.port}/elsewhere"
+        assert seen == []
+    finally:
+        await other.close()

@@ -137,7 +137,7 @@ class TokenManager:
         self._client_secret = client_secret
         self._tenant = tenant
         self._clock = clock
-        REDACTOR.add(refresh_token.reveal())
+        REDACTOR.add(refresh_token.reveal(), lasting=True)
 
         self._current: AccessToken | None = None
         self._inflight: asyncio.Task[AccessToken] | None = None
@@ -192,6 +192,11 @@ class TokenManager:
             return current  # another request already replaced it
         if self.failure is not None and self.failure.final:
             raise self.failure
+        inflight = self._inflight
+        if (inflight is None or inflight.done()) and self._clock() < self._retry_at:
+            # Inside a backoff after passing failures: every 401 would otherwise cost the token
+            # endpoint a call. The client gets 503 with Retry-After instead.
+            raise self._unavailable()
         return await self._single_flight("401", stale)
 
     async def wait_first(self) -> AccessToken:
@@ -209,20 +214,21 @@ class TokenManager:
         """Adopt a new refresh token (rotated secret file): exchanged before the old is dropped."""
         if new == self._refresh_token:
             return
-        REDACTOR.add(new.reveal())
+        REDACTOR.add(new.reveal(), lasting=True)
         inflight = self._inflight
         if inflight is not None and not inflight.done():
             with contextlib.suppress(TokenError):
                 await asyncio.shield(inflight)
         old, self._refresh_token = self._refresh_token, new
+        failure_before = self.failure
         try:
             await self._single_flight("token-file")
         except TokenError:
-            if self._current is not None and self._current.valid(self._clock()):
-                self._refresh_token = old  # keep serving with what still works
-                # The failure was the new token's; the old one has not failed, so refreshes
-                # go on as scheduled and readiness holds.
-                self.failure = None
+            # Only an accepted token replaces the old one: whatever the new one's failure, the
+            # proxy goes on with the previous token and its previous state (readiness, schedule).
+            self._refresh_token = old
+            self.failure = failure_before
+            self._wake.set()
             raise
 
     # --- single flight -----------------------------------------------------------------------
@@ -391,7 +397,7 @@ class TokenManager:
         REDACTOR.add(value)
         rotated = body.get("refresh_token")
         if isinstance(rotated, str) and rotated and rotated != self._refresh_token.reveal():
-            REDACTOR.add(rotated)
+            REDACTOR.add(rotated, lasting=True)
             self._refresh_token = Secret(rotated)
             log.info("the cluster rotated the refresh token; using the new one from now on")
         lifetime = self._default_lifetime

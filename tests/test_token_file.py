@@ -14,6 +14,7 @@ from yarl import URL
 from proxy.app import TOKEN_FILE_WATCHER
 from proxy.config import Secret
 from proxy.secret_watch import TokenFileWatcher
+from proxy.tokens import TokenError
 from tests.conftest import Running, StartProxy
 from tests.fakes import REFRESH_TOKEN, FakeCluster
 from tests.helpers import until
@@ -256,3 +257,24 @@ async def test_sighup_without_a_token_file_is_harmless(
         proc.proc.send_signal(signal.SIGTERM)
         code, _ = await proc.finish()
     assert code == 0
+
+
+async def test_refused_new_token_while_no_token_is_valid_keeps_the_old_one(
+    start_proxy: StartProxy, cluster: FakeCluster, client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """Even when the access token has run out (a token-endpoint outage), a refused new token
+    never replaces the old one: refreshing goes on with the old, and readiness comes back."""
+    import time
+
+    cluster.lifetime = 1.0
+    proxy = await start_with_file(start_proxy, tmp_path / "token")
+    cluster.token_down = True
+    await until(lambda: not proxy.tokens.current.valid(time.monotonic()))
+    cluster.token_down = False
+    with pytest.raises(TokenError):
+        await proxy.tokens.replace_refresh_token(Secret("a-mistyped-new-token-xxxxxxxx"))
+    await until(lambda: proxy.tokens.current.valid(time.monotonic()))
+    async with client.get(proxy.url / "-/ready") as resp:
+        assert resp.status == 200
+    assert cluster.token_forms[-1]["refresh_token"] == REFRESH_TOKEN

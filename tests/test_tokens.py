@@ -200,3 +200,20 @@ async def test_late_scheduled_refresh_does_not_fail_requests(
         assert resp.status == 200
     assert cluster.token_calls == calls + 1
     assert proxy.tokens.history[-1].trigger == "expired"
+
+
+async def test_401_refreshes_respect_the_backoff(
+    proxy: Running, cluster: FakeCluster, client: aiohttp.ClientSession
+) -> None:
+    """401s while the token endpoint fails do not each cost a token call: within the backoff
+    they get 503 with Retry-After at once."""
+    cluster.revoke_access_tokens()
+    cluster.token_down = True
+    before = cluster.token_calls
+    for _ in range(20):
+        async with client.get(proxy.url / "api/x") as resp:
+            await resp.read()
+    assert resp.status == 503
+    assert resp.headers[ERROR_HEADER] == "token_unavailable"
+    assert "Retry-After" in resp.headers
+    assert cluster.token_calls - before <= 3

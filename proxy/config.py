@@ -558,15 +558,18 @@ def _parse_cluster(raw: str, problems: list[str]) -> URL:
         url = URL(raw)
     except ValueError:
         url = None
+    # A password in the URL must not be echoed back in the error (it lands in terminals and CI
+    # logs): quote the URL without its user info.
+    shown = repr(str(url.with_user(None))) if url is not None and url.user else repr(raw)
     if url is None or url.scheme not in ("http", "https") or not url.host:
         problems.append(
-            f"SQUIRRO_CLUSTER / --cluster: {raw!r} is not an http(s) URL: use the address you "
+            f"SQUIRRO_CLUSTER / --cluster: {shown} is not an http(s) URL: use the address you "
             "open Squirro at, e.g. https://squirro.example.com"
         )
         return URL("http://invalid")
     if url.query_string or url.fragment or url.user or url.password:
         problems.append(
-            f"SQUIRRO_CLUSTER / --cluster: {raw!r} carries a query, fragment or user info: "
+            f"SQUIRRO_CLUSTER / --cluster: {shown} carries a query, fragment or user info: "
             "give only scheme, host, optional port and path prefix"
         )
     # Normalise the prefix to no trailing slash: request paths start with '/'.

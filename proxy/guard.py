@@ -222,7 +222,7 @@ class Guard:
         self._token_digest: bytes | None = None
         if settings.client_token is not None:
             secret = settings.client_token.reveal()
-            REDACTOR.add(secret)
+            REDACTOR.add(secret, lasting=True)
             self._token_digest = hashlib.sha256(secret.encode()).digest()
         self.preflight_methods = (
             "GET, HEAD, OPTIONS" if settings.read_only

@@ -14,7 +14,7 @@ from collections import OrderedDict
 MASK = "********"
 # Query parameters whose values look like credentials; masked in access-log paths.
 SECRET_PARAM = re.compile(
-    r"(?i)([?&](?:[^=&]*(?:token|secret|password|passwd|pwd|api[_-]?key|apikey|auth|"
+    r"(?i)([?&](?:[^=&]*(?:token|secret|password|passwd|pwd|api[_-]?key|apikey|auth|authorization|bearer|"
     r"signature|sig|session|credential|key))=)[^&]*"
 )
 
@@ -22,24 +22,34 @@ SECRET_PARAM = re.compile(
 class Redactor(logging.Filter):
     """Replaces every registered secret in a record's final message."""
 
-    MAX_SECRETS = 64  # access tokens rotate; old ones stop mattering after a while
+    # Access tokens pass (one every few minutes, worthless once expired); refresh and client
+    # tokens last, so they are kept apart and never pushed out by the passing ones.
+    MAX_PASSING = 64
+    MAX_LASTING = 32
 
     def __init__(self) -> None:
         super().__init__()
-        self._secrets: OrderedDict[str, None] = OrderedDict()
+        self._lasting: OrderedDict[str, None] = OrderedDict()
+        self._passing: OrderedDict[str, None] = OrderedDict()
 
-    def add(self, secret: str) -> None:
+    def add(self, secret: str, *, lasting: bool = False) -> None:
+        """Register a secret; `lasting` for refresh and client tokens, which must never drop
+        out, however many access tokens come after them."""
         if len(secret) < 6:
             return  # masking a 3-letter word everywhere would hurt more than help
-        self._secrets[secret] = None
-        self._secrets.move_to_end(secret)
-        while len(self._secrets) > self.MAX_SECRETS:
-            self._secrets.popitem(last=False)
+        store, limit = (
+            (self._lasting, self.MAX_LASTING) if lasting else (self._passing, self.MAX_PASSING)
+        )
+        store[secret] = None
+        store.move_to_end(secret)
+        while len(store) > limit:
+            store.popitem(last=False)
 
     def scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
+        for store in (self._lasting, self._passing):
+            for secret in store:
+                if secret in text:
+                    text = text.replace(secret, MASK)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:

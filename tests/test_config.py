@@ -180,3 +180,12 @@ def test_readme_documents_every_setting() -> None:
         assert f"`{opt.flag}" in readme, opt.flag
         if opt.env:
             assert f"`{opt.env}`" in readme, opt.env
+
+
+def test_password_in_cluster_url_not_echoed(tmp_path: Path) -> None:
+    """A cluster URL with user info is refused without repeating its password."""
+    with pytest.raises(ConfigError) as info:
+        load(["--cluster", "https://svc:Hunter2-s3cret@sq.example.com"],
+             {"SQUIRRO_TOKEN": "t-123456"}, cwd=tmp_path)
+    assert "carries a query, fragment or user info" in str(info.value)
+    assert "Hunter2" not in str(info.value)

@@ -59,3 +59,13 @@ def test_short_strings_are_not_registered() -> None:
     redactor = Redactor()
     redactor.add("abc")
     assert redactor.scrub("abc def") == "abc def"
+
+
+def test_lasting_secrets_survive_many_passing_ones() -> None:
+    """Refresh and client tokens stay masked however many access tokens came after them."""
+    redactor = Redactor()
+    redactor.add("refresh-token-that-lasts", lasting=True)
+    for n in range(500):
+        redactor.add(f"access-token-{n:06d}")
+    assert redactor.scrub("oops refresh-token-that-lasts") == f"oops {MASK}"
+    assert redactor.scrub("access-token-000499") == MASK

@@ -16,6 +16,7 @@ from proxy.app import TOKENS, make_app
 from proxy.config import Secret, Settings
 from proxy.connection import ProxyAppRunner
 from proxy.tokens import TokenManager
+from tests.devtools import browser, devtools_url  # noqa: F401 (fixtures for browser tests)
 from tests.fakes import REFRESH_TOKEN, FakeCluster
 
 

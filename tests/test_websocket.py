@@ -6,7 +6,6 @@ import asyncio
 import base64
 import contextlib
 import os
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -16,8 +15,9 @@ from yarl import URL
 
 from proxy.app import TOKENS, make_app
 from tests.conftest import Running, StartProxy, proxy_settings
+from tests.devtools import EVIL, DevTools, open_page
 from tests.fakes import FakeCluster
-from tests.helpers import chromium, until
+from tests.helpers import until
 
 ERROR_HEADER = "X-Squirro-Proxy-Error"
 
@@ -335,40 +335,44 @@ async def test_shutdown_closes_open_sockets_with_1001_at_once(
 
 # --- in a real browser ------------------------------------------------------------------------
 
-BROWSER_PAGE = """<!doctype html><html><head><title>ws</title></head><body>waiting<script>
-const ws = new WebSocket(%r);
-ws.onopen = () => ws.send("from the browser");
-ws.onmessage = (e) => { document.body.textContent = "echo: " + e.data; ws.close(4000, "bye"); };
-ws.onclose = (e) => {
-  if (!document.body.textContent.startsWith("echo")) document.body.textContent = "closed " + e.code;
-};
+BROWSER_PAGE = """<!doctype html><html><head><title>ws</title></head><body><script>
+// What the socket did, as a promise the test awaits through DevTools (no timers).
+window.outcome = new Promise((resolve) => {
+  const ws = new WebSocket(%r);
+  let echoed = null;
+  ws.onopen = () => ws.send("from the browser");
+  ws.onmessage = (e) => { echoed = "echo: " + e.data; ws.close(4000, "bye"); };
+  ws.onclose = (e) => resolve(echoed || "closed " + e.code);
+});
 </script></body></html>"""
 
 
 @pytest.mark.browser
 async def test_browser_page_on_the_proxy_talks_over_a_socket(
-    proxy: Running, cluster: FakeCluster, tmp_path: Path
+    proxy: Running, cluster: FakeCluster, browser: DevTools
 ) -> None:
     """Chromium, on a page the proxy serves, opens a socket through it: its message comes back
     and its close code reaches the cluster."""
-    page = BROWSER_PAGE % str(ws_url(proxy))
+    # The browser resolves only localhost (and the attacker's name): see tests/devtools.py.
+    page = BROWSER_PAGE % str(ws_url(proxy).with_host("localhost"))
 
     async def serve_page(request: web.Request) -> web.Response:
         return web.Response(text=page, content_type="text/html")
 
     cluster.hooks["echo"] = serve_page
-    dom = await chromium(tmp_path, proxy.url / "app", "--dump-dom", "--virtual-time-budget=5000")
-    assert "<body>echo: from the browser</body>" in dom
+    async with open_page(browser) as tab:
+        await tab.goto(str((proxy.url / "app").with_host("localhost")))
+        assert await tab.run("window.outcome") == "echo: from the browser"
     await until(lambda: ("closed", 4000) in cluster.ws_events)
 
 
 @pytest.mark.browser
 async def test_browser_page_from_another_site_cannot_open_a_socket(
-    proxy: Running, cluster: FakeCluster, tmp_path: Path
+    proxy: Running, cluster: FakeCluster, browser: DevTools
 ) -> None:
     """Chromium, on a page from another origin, cannot open a socket through the proxy: the
     handshake is refused and never reaches the cluster."""
-    page = BROWSER_PAGE % str(ws_url(proxy))
+    page = BROWSER_PAGE % str(ws_url(proxy).with_host("localhost"))
 
     async def serve_page(request: web.Request) -> web.Response:
         return web.Response(text=page, content_type="text/html")
@@ -378,11 +382,12 @@ async def test_browser_page_from_another_site_cannot_open_a_socket(
     other = TestServer(site, host="127.0.0.1")
     await other.start_server()
     try:
-        dom = await chromium(tmp_path, URL(f"http://127.0.0.1:{other.port}/"), "--dump-dom",
-                             "--virtual-time-budget=5000")
+        async with open_page(browser) as tab:
+            await tab.goto(f"http://{EVIL}:{other.port}/")
+            # What a page sees of a refused handshake.
+            assert await tab.run("window.outcome") == "closed 1006"
     finally:
         await other.close()
-    assert "<body>closed 1006</body>" in dom  # what a page sees of a refused handshake
     assert [r for r in cluster.api_requests() if r.raw_path == "/ws"] == []
 
 

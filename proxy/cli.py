@@ -140,7 +140,8 @@ def _setting_rows(settings: Settings) -> list[tuple[str, str]]:
         ("cluster", str(cluster)),
         ("TLS", tls),
         ("via proxy", _env_proxy(cluster)),
-        ("token from", str(settings.token_file) if settings.token_file else "SQUIRRO_TOKEN"),
+        ("token from", str(settings.token_file) if settings.token_file
+         else "the demo cluster" if settings.demo else "SQUIRRO_TOKEN"),
         ("listen", f"{settings.host}:{settings.port} ({access})"),
     ]
 
@@ -177,7 +178,15 @@ async def serve(settings: Settings) -> int:
                             shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
     try:
-        urls = await _start_sites(runner, settings)
+        try:
+            urls = await _start_sites(runner, settings)
+        except OSError as bind_error:
+            where = (f"{settings.host}:{settings.port}" if settings.listen_tcp
+                     else str(settings.unix_socket))
+            log.error("cannot listen on %s: %s: choose another --port (or --host, "
+                      "--unix-socket), or stop what is using it", where,
+                      bind_error.strerror or bind_error.__class__.__name__)
+            return EXIT_CONFIG
         tokens = app[TOKENS]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -397,6 +397,8 @@ def load(
             )
             values[opt.name] = opt.default
 
+    for pair in (("token", "token_file"), ("client_token", "client_token_file")):
+        _keep_higher(values, sources, *pair, problems)
     settings_kwargs = _validate(values, problems)
     settings_kwargs["listen_tcp"] = values["unix_socket"] is None or bool(
         sources["host"] or sources["port"]
@@ -443,6 +445,26 @@ def _read_secret_file(path: Path, what: str, flag: str, problems: list[str]) -> 
     return Secret(text)
 
 
+def _level(source: str) -> int:
+    """Precedence of where a value came from: flags, then the environment, then .env."""
+    if source.startswith("--"):
+        return 0
+    return 2 if source.endswith("(in .env)") else 1
+
+
+def _keep_higher(values: dict[str, Any], sources: Mapping[str, str], a: str, b: str,
+                 problems: list[str]) -> None:
+    """A token and its file are alternatives: the one from the higher source wins (a
+    --token-file flag beats SQUIRRO_TOKEN in the environment); from the same level, both set
+    is a mistake worth stopping for."""
+    if values[a] is None or values[b] is None:
+        return
+    level_a, level_b = _level(sources[a]), _level(sources[b])
+    if level_a == level_b:
+        problems.append(f"{sources[a]} and {sources[b]} are both set: keep one")
+    values[b if level_a < level_b else a] = None
+
+
 def _validate(values: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     out = dict(values)
     demo = bool(values["demo"])
@@ -462,8 +484,7 @@ def _validate(values: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     # refresh token
     token_opt, file_opt = _BY_NAME["token"], _BY_NAME["token_file"]
     if values["token"] is not None and values["token_file"] is not None:
-        problems.append(f"{token_opt.flag} and {file_opt.flag} are both set: keep one "
-                        f"({token_opt.env} / {file_opt.env})")
+        pass  # reported by _keep_higher
     elif values["token_file"] is not None:
         out["token"] = _read_secret_file(values["token_file"], "refresh token",
                                          file_opt.flag, problems)
@@ -484,7 +505,7 @@ def _validate(values: dict[str, Any], problems: list[str]) -> dict[str, Any]:
 
     # client token
     if values["client_token"] is not None and values["client_token_file"] is not None:
-        problems.append("--client-token and --client-token-file are both set: keep one")
+        pass  # reported by _keep_higher
     elif values["client_token_file"] is not None:
         out["client_token"] = _read_secret_file(values["client_token_file"], "client token",
                                                 "--client-token-file", problems)

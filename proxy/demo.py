@@ -154,9 +154,14 @@ async def start_demo_cluster(lifetime: int = DEMO_LIFETIME) -> tuple[web.AppRunn
 
 
 def try_commands(proxy_url: str) -> list[str]:
+    """curl commands for the demo; `proxy_url` is http://host:port or unix:/path/to.sock."""
+    curl = "curl"
+    if proxy_url.startswith("unix:"):
+        curl = f"curl --unix-socket {proxy_url[5:]}"
+        proxy_url = "http://localhost"
     return [
-        f"curl -s {proxy_url}/api/topic/v0/{DEMO_TENANT}/projects",
-        f"curl -s '{proxy_url}/api/topic/v0/{DEMO_TENANT}/projects/{_PROJECTS[0]['id']}"
+        f"{curl} -s {proxy_url}/api/topic/v0/{DEMO_TENANT}/projects",
+        f"{curl} -s '{proxy_url}/api/topic/v0/{DEMO_TENANT}/projects/{_PROJECTS[0]['id']}"
         "/items?count=3'",
-        f"curl -sN '{proxy_url}/service/genai/chat/stream?query=hello'",
+        f"{curl} -sN '{proxy_url}/service/genai/chat/stream?query=hello'",
     ]

@@ -183,7 +183,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
                 # but only after the refresh, so that its next attempt carries the new token.
                 with contextlib.suppress(TokenError):
                     await up.tokens.refresh_after_401(token)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return upstream_failure(exc, url, up.settings)
     request[UPSTREAM_LATENCY] = latency = time.monotonic() - started
     if tee is not None:
@@ -277,8 +277,7 @@ async def _relay(
     while True:
         try:
             chunk = await content.readany()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
-                asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             # The cluster broke off mid-body. Ending the response cleanly would hand the client
             # a truncated body that looks complete: drop the client connection instead.
             log.warning("the cluster broke off the response to %s %s (%s); closing the client "

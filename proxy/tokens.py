@@ -373,7 +373,7 @@ class TokenManager:
                     raise TokenUnavailable(
                         "the token endpoint answered 200 without a JSON body", 200
                     ) from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TokenUnavailable(
                 f"the token endpoint did not answer within {EXCHANGE_TIMEOUT:.0f} s"
             ) from None

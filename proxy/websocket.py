@@ -146,7 +146,7 @@ async def _connect(request: web.Request, up: Upstream, url: URL, rid: str,
                 headers["Location"] = rewrite_location(
                     exc.location, up.settings.cluster, f"{request.scheme}://{request.host}")
             return web.Response(status=exc.status, headers=headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             return upstream_failure(exc, url, up.settings)
         try:
             token = await up.tokens.refresh_after_401(token)

@@ -243,3 +243,33 @@ async def test_check_command_ok_and_failure(
                       cwd=tmp_path)
     code, err = await bad.finish()
     assert code == 1 and "FAILED" in err and "(404)" in err
+
+
+async def test_port_in_use_is_a_clear_error(
+    cluster_url: URL, tmp_path: Path
+) -> None:
+    """A busy port stops start-up with a message naming it and what to do: exit 2, no traceback."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = await spawn(env=_env(cluster_url, SQUIRRO_PROXY_PORT=str(port)), cwd=tmp_path)
+        code, out = await p.finish()
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in out and "choose another --port" in out
+    assert "Traceback" not in out
+
+
+async def test_demo_on_a_unix_socket_suggests_working_commands(
+    procs: list[ProxyProcess], tmp_path: Path
+) -> None:
+    """--demo with --unix-socket prints curl commands that use the socket."""
+    sock = tmp_path / "p.sock"
+    p = await spawn("--demo", "--unix-socket", str(sock), cwd=tmp_path)
+    procs.append(p)
+    await p.wait_line(f"curl --unix-socket {sock} -s http://localhost/api/topic/v0/")
+    p.proc.send_signal(signal.SIGTERM)
+    code, _ = await p.finish()
+    assert code == 0

@@ -97,7 +97,7 @@ def test_secrets_hidden_in_repr(tmp_path: Path) -> None:
         (["--token-file", "/nonexistent/token"], {"SQUIRRO_CLUSTER": "https://x.example"},
          "cannot read '/nonexistent/token'"),
         (["--token", "a b"], {"SQUIRRO_CLUSTER": "https://x.example"}, "contains spaces"),
-        (["--token-file", "/etc/hostname"], BASE, "are both set: keep one"),
+        (["--token-file", "/etc/hostname", "--token", "t-1234567"], BASE, "are both set: keep one"),
         (["--client-token", "short"], BASE, "too short"),
         (["--cors-origin", "localhost:3000"], BASE, "is not an origin"),
         (["--cors-origin", "http://localhost:3000/app"], BASE, "is not an origin"),
@@ -189,3 +189,35 @@ def test_password_in_cluster_url_not_echoed(tmp_path: Path) -> None:
              {"SQUIRRO_TOKEN": "t-123456"}, cwd=tmp_path)
     assert "carries a query, fragment or user info" in str(info.value)
     assert "Hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        # A flag beats the environment, for the token as for every setting.
+        (["--token-file", "{file}"], {"SQUIRRO_TOKEN": "env-token-123456"}, "file-token-123456"),
+        (["--token", "flag-token-123456"], {"SQUIRRO_TOKEN_FILE": "{file}"}, "flag-token-123456"),
+        ([], {"SQUIRRO_TOKEN_FILE": "{file}"}, "file-token-123456"),
+    ],
+)
+def test_token_and_token_file_follow_precedence(
+    tmp_path: Path, argv: list[str], env: dict[str, str], expected: str
+) -> None:
+    """Token and token file from different levels: the higher one wins, no error."""
+    f = tmp_path / "token"
+    f.write_text("file-token-123456\n")
+    argv = [a.replace("{file}", str(f)) for a in argv]
+    env = {"SQUIRRO_CLUSTER": "https://x.example",
+           **{k: v.replace("{file}", str(f)) for k, v in env.items()}}
+    assert load(argv, env, cwd=tmp_path).token == Secret(expected)
+
+
+def test_token_and_token_file_from_the_same_level_is_an_error(tmp_path: Path) -> None:
+    """Both in the environment: ambiguous, so start-up stops and names both."""
+    f = tmp_path / "token"
+    f.write_text("file-token-123456\n")
+    env = {"SQUIRRO_CLUSTER": "https://x.example", "SQUIRRO_TOKEN": "env-token-123456",
+           "SQUIRRO_TOKEN_FILE": str(f)}
+    with pytest.raises(ConfigError) as info:
+        load([], env, cwd=tmp_path)
+    assert "SQUIRRO_TOKEN and SQUIRRO_TOKEN_FILE are both set: keep one" in str(info.value)

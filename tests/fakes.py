@@ -85,6 +85,20 @@ class FakeCluster:
         """Make every access token issued so far invalid (the next API call gets 401)."""
         self.tokens.clear()
 
+    def hold_answers(self) -> tuple[list[int], asyncio.Event]:
+        """Make API calls wait until the returned event is set; the list grows by one per call
+        that arrived (for tests of in-flight counts and pool limits)."""
+        release = asyncio.Event()
+        arrived: list[int] = []
+
+        async def held(request: web.Request) -> web.Response:
+            arrived.append(1)
+            await release.wait()
+            return web.Response(text="done")
+
+        self.hooks["echo"] = held
+        return arrived, release
+
     def api_requests(self) -> list[Seen]:
         return [r for r in self.requests if not r.raw_path.endswith(TOKEN_PATH)]
 

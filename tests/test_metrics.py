@@ -202,15 +202,7 @@ async def test_in_flight_requests(
     proxy: Running, cluster: FakeCluster, client: aiohttp.ClientSession
 ) -> None:
     """Requests waiting on the cluster show as in flight, and stop showing once answered."""
-    release = asyncio.Event()
-    arrived: list[int] = []
-
-    async def held(request: web.Request) -> web.Response:
-        arrived.append(1)
-        await release.wait()
-        return web.Response(text="done")
-
-    cluster.hooks["echo"] = held
+    arrived, release = cluster.hold_answers()
 
     async def one() -> int:
         async with client.get(proxy.url / "api/held") as resp:

@@ -351,16 +351,8 @@ async def test_pool_size_caps_connections_to_the_cluster(
     start_proxy: StartProxy, cluster: FakeCluster, client: aiohttp.ClientSession
 ) -> None:
     """--pool-size 2: five concurrent requests reach the cluster two at a time, all succeed."""
-    release = asyncio.Event()
-    arrived: list[int] = []
-
-    async def held(request: web.Request) -> web.Response:
-        arrived.append(1)
-        await release.wait()
-        return web.Response(text="ok")
-
     proxy = await start_proxy(pool_size=2)
-    cluster.hooks["echo"] = held
+    arrived, release = cluster.hold_answers()
 
     async def one() -> int:
         async with client.get(proxy.url / "api/x") as resp:

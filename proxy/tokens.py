@@ -197,7 +197,12 @@ class TokenManager:
             # Inside a backoff after passing failures: every 401 would otherwise cost the token
             # endpoint a call. The client gets 503 with Retry-After instead.
             raise self._unavailable()
-        return await self._single_flight("401", stale)
+        new = await self._single_flight("401", stale)
+        if new.value == stale.value:
+            # Joined an exchange started without this stale token in mind (the scheduled one),
+            # and it handed the refused token back: ask again, with the same-token rule.
+            new = await self._single_flight("401", stale)
+        return new
 
     async def wait_first(self) -> AccessToken:
         """Wait for the first access token; raises TokenRejected if the cluster refuses."""

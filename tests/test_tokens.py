@@ -217,3 +217,20 @@ async def test_401_refreshes_respect_the_backoff(
     assert resp.headers[ERROR_HEADER] == "token_unavailable"
     assert "Retry-After" in resp.headers
     assert cluster.token_calls - before <= 3
+
+
+async def test_401_joining_a_scheduled_exchange_that_returns_the_same_token(
+    proxy: Running, cluster: FakeCluster
+) -> None:
+    """A 401 that joins a scheduled exchange which hands the refused token back asks again,
+    rather than retrying with the token the cluster just refused."""
+    stale = proxy.tokens.current
+    cluster.tokens.pop(stale.value)  # refused by the cluster...
+    cluster.same_token_times = 1  # ...yet handed out once more (clock drift between nodes)
+    cluster.token_delay = 0.2
+    scheduled = asyncio.ensure_future(proxy.tokens._single_flight("scheduled"))
+    await until(lambda: cluster.token_calls == 2)  # the scheduled exchange is under way
+    new = await proxy.tokens.refresh_after_401(stale)
+    assert new.value != stale.value
+    assert (await scheduled).value == stale.value
+    assert cluster.token_calls == 3

@@ -54,8 +54,9 @@ _STATUS_CLASS = (CLIENT_CLOSED, "1xx", "2xx", "3xx", "4xx", "5xx", "other", "oth
                  "other")
 # Reasons TokenManager files failed refreshes under; always exported, at 0 until one happens, so
 # alert rules on rate() work from the first scrape.
-REFRESH_FAILURE_REASONS = ("400", "403", "404", "410", "http_error", "timeout", "connect", "tls",
-                           "other")
+REFRESH_FAILURE_REASONS = (
+    "400", "401", "403", "404", "410", "http_error", "timeout", "connect", "tls", "other",
+)
 
 
 @dataclass(frozen=True, slots=True)

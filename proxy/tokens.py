@@ -40,6 +40,10 @@ EXCHANGE_TIMEOUT = 30.0
 FINAL_STATUSES = {
     400: "the token endpoint refused the request as malformed (400): check SQUIRRO_CLUSTER "
          "points at a Squirro cluster and the token was pasted whole",
+    # Not in Squirro's documented list, but a credential refusal all the same: retrying it
+    # would only hammer the token endpoint.
+    401: "the token was refused (401 unauthorized): create a new one under 'API Access' in "
+         "Squirro and set SQUIRRO_TOKEN",
     403: "the token was refused (403 forbidden): the user may be disabled or lack API access; "
          "ask your Squirro administrator",
     404: "the token was rejected as invalid (404): create a new one under 'API Access' in "
@@ -405,11 +409,7 @@ class TokenManager:
             REDACTOR.add(rotated, lasting=True)
             self._refresh_token = Secret(rotated)
             log.info("the cluster rotated the refresh token; using the new one from now on")
-        lifetime = self._default_lifetime
-        expires_in = body.get("expires_in")
-        if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) \
-                and expires_in > 0:
-            lifetime = float(expires_in)
+        lifetime = lifetime_from(body.get("expires_in"), self._default_lifetime)
         self.identity = Identity(
             user_id=_str_or_none(body.get("user_id")),
             tenant=_str_or_none(body.get("tenant")),
@@ -449,9 +449,25 @@ def tls_untrusted_reason(exc: aiohttp.ClientConnectorCertificateError) -> str:
             "CA's PEM file")
 
 
+def lifetime_from(expires_in: object, default: float) -> float:
+    """`expires_in` in seconds when it is a positive number (also as a string, as some OAuth
+    servers send it); the configured default otherwise."""
+    if isinstance(expires_in, bool):
+        return default
+    if isinstance(expires_in, str):
+        try:
+            expires_in = float(expires_in)
+        except ValueError:
+            return default
+    # NaN fails both comparisons, so it falls through to the default too.
+    if isinstance(expires_in, (int, float)) and 0 < expires_in < float("inf"):
+        return float(expires_in)
+    return default
+
+
 def _reason_key(reason: str) -> str:
     """A short label for metrics: the status code when there is one, else the failure kind."""
-    for status in (400, 403, 404, 410):
+    for status in FINAL_STATUSES:
         if f"({status}" in reason:
             return str(status)
     if "answered" in reason:

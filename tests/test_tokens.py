@@ -9,7 +9,7 @@ import time
 import aiohttp
 import pytest
 
-from proxy.tokens import TokenRejected, backoff_delay
+from proxy.tokens import TokenRejected, backoff_delay, lifetime_from
 from tests.conftest import Running, StartProxy
 from tests.fakes import FakeCluster
 from tests.helpers import until
@@ -86,6 +86,7 @@ async def test_identity_known_after_first_exchange(proxy: Running) -> None:
     ("status", "phrase"),
     [
         (400, "malformed (400)"),
+        (401, "refused (401 unauthorized)"),
         (403, "forbidden"),
         (404, "rejected as invalid (404): create a new one under 'API Access'"),
         (410, "expired or was revoked (410)"),
@@ -234,3 +235,14 @@ async def test_401_joining_a_scheduled_exchange_that_returns_the_same_token(
     assert new.value != stale.value
     assert (await scheduled).value == stale.value
     assert cluster.token_calls == 3
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "lifetime"),
+    [(1234, 1234.0), (90.5, 90.5), ("300", 300.0), ("soon", 600.0), (0, 600.0), (-5, 600.0),
+     (True, 600.0), (None, 600.0), ("inf", 600.0), ("nan", 600.0)],
+)
+def test_expires_in_forms(expires_in: object, lifetime: float) -> None:
+    """A positive expires_in (number or numeric string) sets the lifetime; anything else falls
+    back to --token-lifetime."""
+    assert lifetime_from(expires_in, 600.0) == lifetime

@@ -164,26 +164,35 @@ class TokenManager:
     def current(self) -> AccessToken | None:
         return self._current
 
+    @property
+    def _exchanging(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
+
+    @property
+    def _refused(self) -> bool:
+        """The cluster finally refused the refresh token: only a new one helps."""
+        return self.failure is not None and self.failure.final
+
+    async def _settle(self) -> None:
+        """Wait for the exchange under way, if any, whatever its outcome."""
+        if self._inflight is not None and self._exchanging:
+            with contextlib.suppress(TokenError):
+                await asyncio.shield(self._inflight)
+
     async def token(self) -> AccessToken:
         """A valid access token, or TokenError saying why there is none."""
         current = self._current
         if current is not None and self._clock() < current.expires_at:
             return current
-        inflight = self._inflight
-        if (
-            (inflight is None or inflight.done())
-            and self._clock() >= self._retry_at
-            and not (self.failure is not None and self.failure.final)
-        ):
+        if not self._exchanging and self._clock() >= self._retry_at and not self._refused:
             # Expired with nothing under way: the scheduled refresh is late (a saturated event
             # loop runs timers late). Start it now rather than fail the request; never inside a
             # backoff, never after a final refusal.
-            inflight = self._start_exchange("expired")
-        if inflight is not None and not inflight.done():
+            self._start_exchange("expired")
+        if self._exchanging:
             # An exchange is under way (start-up, or the scheduled one running late): its
             # answer is worth the short wait.
-            with contextlib.suppress(TokenError):
-                await asyncio.shield(inflight)
+            await self._settle()
             current = self._current
             if current is not None and current.valid(self._clock()):
                 return current
@@ -196,8 +205,7 @@ class TokenManager:
             return current  # another request already replaced it
         if self.failure is not None and self.failure.final:
             raise self.failure
-        inflight = self._inflight
-        if (inflight is None or inflight.done()) and self._clock() < self._retry_at:
+        if not self._exchanging and self._clock() < self._retry_at:
             # Inside a backoff after passing failures: every 401 would otherwise cost the token
             # endpoint a call. The client gets 503 with Retry-After instead.
             raise self._unavailable()
@@ -224,10 +232,7 @@ class TokenManager:
         if new == self._refresh_token:
             return
         REDACTOR.add(new.reveal(), lasting=True)
-        inflight = self._inflight
-        if inflight is not None and not inflight.done():
-            with contextlib.suppress(TokenError):
-                await asyncio.shield(inflight)
+        await self._settle()
         old, self._refresh_token = self._refresh_token, new
         failure_before = self.failure
         try:
@@ -289,7 +294,7 @@ class TokenManager:
             current = self._current
             due = current.refresh_at if current is not None else now
             due = max(due, self._retry_at)
-            if self.failure is not None and self.failure.final:
+            if self._refused:
                 due = float("inf")  # only a new refresh token (wake) helps now
             if due > now:
                 self._wake.clear()

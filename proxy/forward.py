@@ -273,31 +273,36 @@ async def _relay(
     await out.prepare(request)
     content = resp.content
     sent = 0
-    request[BYTES_OUT] = 0
-    while True:
+    try:
+        while True:
+            try:
+                chunk = await content.readany()
+            except (TimeoutError, aiohttp.ClientPayloadError,
+                    aiohttp.ClientConnectionError) as exc:
+                # The cluster broke off mid-body. Ending the response cleanly would hand the
+                # client a truncated body that looks complete: drop the connection instead.
+                log.warning("the cluster broke off the response to %s %s (%s); closing the "
+                            "client connection", request.method, request.path,
+                            exc.__class__.__name__)
+                if request.transport is not None:
+                    request.transport.abort()
+                return out
+            if not chunk:
+                break
+            sent += len(chunk)
+            try:
+                await out.write(chunk)
+            except ConnectionError:
+                return _client_gone(request, resp, out)
         try:
-            chunk = await content.readany()
-        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            # The cluster broke off mid-body. Ending the response cleanly would hand the client
-            # a truncated body that looks complete: drop the client connection instead.
-            log.warning("the cluster broke off the response to %s %s (%s); closing the client "
-                        "connection", request.method, request.path, exc.__class__.__name__)
-            if request.transport is not None:
-                request.transport.abort()
-            return out
-        if not chunk:
-            break
-        sent += len(chunk)
-        request[BYTES_OUT] = sent
-        try:
-            await out.write(chunk)
+            await out.write_eof()
         except ConnectionError:
             return _client_gone(request, resp, out)
-    try:
-        await out.write_eof()
-    except ConnectionError:
-        return _client_gone(request, resp, out)
-    return out
+        return out
+    finally:
+        # Once, however the relay ended (a cancelled handler included): the access log and
+        # the metrics read it.
+        request[BYTES_OUT] = sent
 
 
 def _client_gone(

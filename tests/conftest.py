@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -18,6 +20,7 @@ from proxy.connection import ProxyAppRunner
 from proxy.tokens import TokenManager
 from tests.devtools import browser, devtools_url  # noqa: F401 (fixtures for browser tests)
 from tests.fakes import REFRESH_TOKEN, FakeCluster
+from tests.processes import ProxyProcess
 
 
 @dataclasses.dataclass
@@ -96,3 +99,17 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
     ) as session:
         yield session
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[list[ProxyProcess]]:
+    """Proxy processes a test spawned; killed afterwards with their workers, if still running."""
+    started: list[ProxyProcess] = []
+    yield started
+    for p in started:
+        if p.proc.returncode is None:
+            for child in p.children():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+            p.proc.kill()
+            await p.proc.wait()

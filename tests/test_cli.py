@@ -3,80 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 from aiohttp import web
 from yarl import URL
 
 from tests.fakes import REFRESH_TOKEN, FakeCluster
-
-LISTEN = re.compile(r"listening on (http://[\d.:\[\]]+)")
-
-
-class ProxyProcess:
-    """`python -m proxy` in a subprocess, with its stderr collected line by line."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-
-    async def wait_line(self, pattern: re.Pattern[str] | str, timeout: float = 15) -> re.Match[str]:
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        for line in self.lines:
-            if m := regex.search(line):
-                return m
-        assert self.proc.stderr is not None
-        async with asyncio.timeout(timeout):
-            while True:
-                raw = await self.proc.stderr.readline()
-                if not raw:
-                    raise AssertionError(f"exited before {regex.pattern!r}: {self.lines}")
-                line = raw.decode()
-                self.lines.append(line)
-                if m := regex.search(line):
-                    return m
-
-    async def finish(self, timeout: float = 15) -> tuple[int, str]:
-        assert self.proc.stderr is not None
-        async with asyncio.timeout(timeout):
-            rest = await self.proc.stderr.read()
-            code = await self.proc.wait()
-        self.lines.append(rest.decode())
-        return code, "".join(self.lines)
-
-
-async def spawn(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-                ) -> ProxyProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SQUIRRO")}
-    full_env.update(env or {})
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", *args, env=full_env, cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    return ProxyProcess(proc)
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for p in started:
-        if p.proc.returncode is None:
-            p.proc.kill()
-            await p.proc.wait()
-
-
-def _env(cluster_url: URL, **extra: str) -> dict[str, str]:
-    return {"SQUIRRO_CLUSTER": str(cluster_url), "SQUIRRO_TOKEN": REFRESH_TOKEN,
-            "SQUIRRO_PROXY_PORT": "0", **extra}
+from tests.processes import LISTEN, ProxyProcess, proxy_env, spawn
 
 
 async def test_bad_configuration_exits_2_with_every_problem(tmp_path: Path) -> None:
@@ -115,7 +50,7 @@ async def test_start_up_line_serves_and_stops_on_sigterm(
     cluster: FakeCluster, cluster_url: URL, procs: list[ProxyProcess], tmp_path: Path
 ) -> None:
     """One start-up line names URL, cluster, user and tenant; SIGTERM exits 0; no token shown."""
-    p = await spawn(env=_env(cluster_url), cwd=tmp_path)
+    p = await spawn(env=proxy_env(cluster_url), cwd=tmp_path)
     procs.append(p)
     m = await p.wait_line(LISTEN)
     line = p.lines[-1]
@@ -142,7 +77,7 @@ async def test_graceful_shutdown_finishes_in_flight_requests(
         return web.Response(text="finished")
 
     cluster.hooks["echo"] = slow
-    p = await spawn(env=_env(cluster_url), cwd=tmp_path)
+    p = await spawn(env=proxy_env(cluster_url), cwd=tmp_path)
     procs.append(p)
     url = URL((await p.wait_line(LISTEN)).group(1))
     async with aiohttp.ClientSession() as s:
@@ -160,7 +95,7 @@ async def test_rejected_token_at_start_up_exits_1(
     cluster: FakeCluster, cluster_url: URL, tmp_path: Path
 ) -> None:
     """An invalid refresh token: exit 1 with what happened and what to do, no traceback."""
-    p = await spawn(env=_env(cluster_url, SQUIRRO_TOKEN="not-the-right-token"), cwd=tmp_path)
+    p = await spawn(env=proxy_env(cluster_url, SQUIRRO_TOKEN="not-the-right-token"), cwd=tmp_path)
     code, out = await p.finish()
     assert code == 1
     assert "rejected as invalid (404): create a new one under 'API Access'" in out
@@ -176,7 +111,7 @@ async def test_cluster_down_at_start_up_keeps_serving_503(
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = sock.getsockname()[1]
-    p = await spawn(env=_env(URL(f"http://127.0.0.1:{dead}")), cwd=tmp_path)
+    p = await spawn(env=proxy_env(URL(f"http://127.0.0.1:{dead}")), cwd=tmp_path)
     procs.append(p)
     m = await p.wait_line(LISTEN)
     assert "waiting for the first access token" in p.lines[-1]
@@ -195,7 +130,7 @@ async def test_token_flag_warns_about_ps(
     cluster_url: URL, procs: list[ProxyProcess], tmp_path: Path
 ) -> None:
     """--token on the command line works but warns that other users can see it."""
-    env = _env(cluster_url)
+    env = proxy_env(cluster_url)
     del env["SQUIRRO_TOKEN"]
     p = await spawn("--token", REFRESH_TOKEN, env=env, cwd=tmp_path)
     procs.append(p)
@@ -231,7 +166,7 @@ async def test_check_command_ok_and_failure(
     cluster: FakeCluster, cluster_url: URL, tmp_path: Path
 ) -> None:
     """`check` prints who the proxy acts as and exits 0, or the reason and exits 1."""
-    p = await spawn("check", env=_env(cluster_url), cwd=tmp_path)
+    p = await spawn("check", env=proxy_env(cluster_url), cwd=tmp_path)
     assert p.proc.stdout is not None
     out = (await p.proc.stdout.read()).decode()
     code, err = await p.finish()
@@ -239,7 +174,7 @@ async def test_check_command_ok_and_failure(
     assert "OK" in out and "user user-1234" in out and "tenant squirro_test" in out
     assert REFRESH_TOKEN not in out + err
 
-    bad = await spawn("check", env=_env(cluster_url, SQUIRRO_TOKEN="wrong-token-123"),
+    bad = await spawn("check", env=proxy_env(cluster_url, SQUIRRO_TOKEN="wrong-token-123"),
                       cwd=tmp_path)
     code, err = await bad.finish()
     assert code == 1 and "FAILED" in err and "(404)" in err
@@ -255,7 +190,7 @@ async def test_port_in_use_is_a_clear_error(
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        p = await spawn(env=_env(cluster_url, SQUIRRO_PROXY_PORT=str(port)), cwd=tmp_path)
+        p = await spawn(env=proxy_env(cluster_url, SQUIRRO_PROXY_PORT=str(port)), cwd=tmp_path)
         code, out = await p.finish()
     assert code == 2
     assert f"cannot listen on 127.0.0.1:{port}" in out and "choose another --port" in out

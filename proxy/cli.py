@@ -11,29 +11,32 @@ import os
 import signal
 import sys
 import urllib.request
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from yarl import URL
 
-from . import demo
+from . import demo, eventloop
 from .app import TOKEN_FILE_WATCHER, TOKENS, make_app
 from .config import ConfigError, Secret, Settings, load
 from .connection import ProxyAppRunner
 from .logs import configure
-from .tokens import Identity, TokenError, TokenManager, TokenRejected
+from .startup import (
+    EXIT_OK,
+    EXIT_TOKEN_REJECTED,
+    cannot_listen,
+    describe,
+    serve_until_stopped,
+)
+from .tokens import TokenError, TokenManager
 from .upstream import make_session
 
 log = logging.getLogger("squirro_proxy")
 
-EXIT_OK = 0
-EXIT_TOKEN_REJECTED = 1
 EXIT_CONFIG = 2
 EXIT_CLUSTER_UNAVAILABLE = 3
-# How long start-up waits for the first token before it says where it listens anyway.
-FIRST_TOKEN_WAIT = 3.0
 
 
 def run() -> None:
@@ -55,26 +58,9 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         log.warning(notice)
     job = check(settings) if settings.command == "check" else serve(settings)
     try:
-        return _run(job)
+        return eventloop.run(job)
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         return 130
-
-
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    try:
-        import uvloop  # optional: the `speed` extra
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
-
-
-def describe(identity: Identity) -> str:
-    parts = [f"user {identity.user_id or '?'}"]
-    if identity.role:
-        parts.append(f"role {identity.role}")
-    parts.append(f"tenant {identity.tenant or '?'}")
-    return ", ".join(parts)
 
 
 async def check(settings: Settings) -> int:
@@ -181,11 +167,7 @@ async def serve(settings: Settings) -> int:
         try:
             urls = await _start_sites(runner, settings)
         except OSError as bind_error:
-            where = (f"{settings.host}:{settings.port}" if settings.listen_tcp
-                     else str(settings.unix_socket))
-            log.error("cannot listen on %s: %s: choose another --port (or --host, "
-                      "--unix-socket), or stop what is using it", where,
-                      bind_error.strerror or bind_error.__class__.__name__)
+            log.error("%s", cannot_listen(settings, bind_error))
             return EXIT_CONFIG
         tokens = app[TOKENS]
         stop = asyncio.Event()
@@ -195,38 +177,7 @@ async def serve(settings: Settings) -> int:
         # SIGHUP re-reads the token file (a rotated secret) instead of ending the process.
         loop.add_signal_handler(signal.SIGHUP, _reload_token_file, app)
 
-        first = asyncio.ensure_future(tokens.wait_first())
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({first, stopper}, timeout=FIRST_TOKEN_WAIT,
-                               return_when=asyncio.FIRST_COMPLETED)
-            where = f"listening on {', '.join(urls)}, forwarding to {settings.cluster}"
-            if not first.done():
-                reason = tokens.failure.reason if tokens.failure else "still exchanging"
-                log.info("squirro-proxy %s; waiting for the first access token (%s)",
-                         where, reason)
-            elif first.exception() is None:
-                log.info("squirro-proxy %s as %s", where, describe(tokens.identity))
-                where = ""
-            if settings.demo and not (first.done() and first.exception()):
-                commands = "\n".join(f"  {c}" for c in demo.try_commands(urls[0]))
-                print(f"\nTry it:\n{commands}\n", file=sys.stderr, flush=True)
-
-            await asyncio.wait({first, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if first.done():
-                exc = first.exception()
-                if isinstance(exc, TokenRejected):
-                    log.error("cannot start: %s", exc.reason)
-                    return EXIT_TOKEN_REJECTED
-                if where:  # the first token came late: say now whom the proxy acts as
-                    log.info("squirro-proxy ready: acting as %s", describe(tokens.identity))
-                await stopper
-        finally:
-            first.cancel()
-            stopper.cancel()
-        log.info("shutting down: finishing in-flight requests (up to %g s)",
-                 settings.shutdown_grace)
-        return EXIT_OK
+        return await serve_until_stopped(settings, tokens, urls, stop)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -143,11 +144,15 @@ def make_demo_app(lifetime: int = DEMO_LIFETIME) -> web.Application:
     return app
 
 
-async def start_demo_cluster(lifetime: int = DEMO_LIFETIME) -> tuple[web.AppRunner, str]:
-    """Start the demo cluster on a free loopback port; returns its runner and base URL."""
+async def start_demo_cluster(
+    lifetime: int = DEMO_LIFETIME, sock: socket.socket | None = None
+) -> tuple[web.AppRunner, str]:
+    """Start the demo cluster on a free loopback port (or on `sock`, bound already: worker
+    processes must know the URL before it serves); returns its runner and base URL."""
     runner = web.AppRunner(make_demo_app(lifetime), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site: web.BaseSite = (web.TCPSite(runner, "127.0.0.1", 0) if sock is None
+                          else web.SockSite(runner, sock))
     await site.start()
     host, port = runner.addresses[0][:2]
     return runner, f"http://{host}:{port}"

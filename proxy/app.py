@@ -6,6 +6,7 @@ reverse order: the upstream session, then the token manager and its refresh task
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -16,11 +17,11 @@ from .forward import UPSTREAM, Upstream, ensure_request_id, forward
 from .guard import defer_expect
 from .guard import install as install_guard
 from .logs import AccessLogger
-from .metrics import METRICS, make_metrics, stats_middleware
+from .metrics import METRICS, STATS_VIEW, RequestStats, StatsView, make_metrics, stats_middleware
 from .ops import add_routes as add_ops_routes
 from .routing import CatchAll
 from .secret_watch import TokenFileWatcher
-from .tokens import TokenManager
+from .tokens import TokenManager, TokenSource
 from .upstream import make_session, refuse_redirects
 from .websocket import close_websockets
 
@@ -32,22 +33,32 @@ TOKEN_POOL_SIZE = 2
 TOKENS = web.AppKey("tokens", TokenManager)
 KEEPALIVE_TIMEOUT = 75.0
 TOKEN_FILE_WATCHER = web.AppKey("token_file_watcher", TokenFileWatcher)
+SHARED_TOKENS = web.AppKey("shared_tokens", TokenSource)
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # Three pools: requests, WebSockets (hours-long, redirects refused) and the token exchange
-    # (a couple of connections no stream can take).
+    # (a couple of connections no stream can take; none in a worker, whose supervisor
+    # exchanges the token).
     app[SESSION] = make_session(settings)
     app[WS_SESSION] = make_session(settings, middlewares=(refuse_redirects,))
-    app[TOKEN_SESSION] = make_session(settings, pool_size=TOKEN_POOL_SIZE)
+    if SHARED_TOKENS not in app:
+        app[TOKEN_SESSION] = make_session(settings, pool_size=TOKEN_POOL_SIZE)
     yield
     for key in (TOKEN_SESSION, WS_SESSION, SESSION):
-        await app[key].close()
+        if key in app:
+            await app[key].close()
 
 
 async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    base = str(settings.cluster).rstrip("/")
+    shared = app.get(SHARED_TOKENS)
+    if shared is not None:  # a worker process: the supervisor owns the life cycle
+        app[UPSTREAM] = Upstream(settings, app[SESSION], app[WS_SESSION], shared, base)
+        yield
+        return
     assert settings.token is not None, "config.load guarantees a token outside demo mode"
     tokens = TokenManager(
         app[TOKEN_SESSION], settings.cluster, settings.token,
@@ -55,17 +66,16 @@ async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
         client_secret=settings.client_secret, tenant=settings.tenant,
     )
     app[TOKENS] = tokens
-    app[UPSTREAM] = Upstream(settings, app[SESSION], app[WS_SESSION], tokens,
-                             str(settings.cluster).rstrip("/"))
+    app[UPSTREAM] = Upstream(settings, app[SESSION], app[WS_SESSION], tokens, base)
     tokens.start()
     yield
     await tokens.stop()
 
 
 async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Let the collector read the token manager's state at scrape time."""
+    """Let the collector read the token's state at scrape time."""
     collector = app[METRICS].collector
-    collector.tokens = app[TOKENS]
+    collector.tokens = app[UPSTREAM].tokens
     yield
     collector.tokens = None
 
@@ -73,7 +83,7 @@ async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _token_file_ctx(app: web.Application) -> AsyncIterator[None]:
     """Watch the token file, if the token came from one, for a rotated secret."""
     settings = app[SETTINGS]
-    if settings.token_file is None or settings.token is None:
+    if settings.token_file is None or settings.token is None or SHARED_TOKENS in app:
         yield
         return
     watcher = TokenFileWatcher(settings.token_file, app[TOKENS], settings.token)
@@ -83,8 +93,18 @@ async def _token_file_ctx(app: web.Application) -> AsyncIterator[None]:
     await watcher.stop()
 
 
-def make_app(settings: Settings) -> web.Application:
-    """The proxy as an aiohttp application."""
+async def _own_stats(app: web.Application) -> RequestStats:
+    return app[METRICS].stats
+
+
+def make_app(settings: Settings, *, shared_tokens: TokenSource | None = None,
+             stats_view: StatsView | None = None) -> web.Application:
+    """The proxy as an aiohttp application.
+
+    A worker process (supervisor.py) passes the token it shares with the other workers and
+    where the figures of all of them are to be had; on its own the application holds its token
+    and counts for itself.
+    """
     app = web.Application(handler_args={
         # Limits on what a client may send before it is refused (431/400), memory bounded.
         "max_line_size": settings.max_line_size,
@@ -100,6 +120,9 @@ def make_app(settings: Settings) -> web.Application:
         "access_log_class": AccessLogger,
     })
     app[SETTINGS] = settings
+    if shared_tokens is not None:
+        app[SHARED_TOKENS] = shared_tokens
+    app[STATS_VIEW] = stats_view or functools.partial(_own_stats, app)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_tokens_ctx)
     app.cleanup_ctx.append(_metrics_ctx)

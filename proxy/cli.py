@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
-from . import demo, eventloop
+from . import demo, eventloop, supervisor
 from .app import TOKEN_FILE_WATCHER, TOKENS, make_app
 from .config import ConfigError, Secret, Settings, load
 from .connection import ProxyAppRunner
@@ -56,6 +56,9 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     configure(settings.log_level, settings.log_format)
     for notice in settings.notices:
         log.warning(notice)
+    if settings.command == "run" and settings.workers > 1:
+        # Before any event loop exists: the supervisor forks the workers first.
+        return supervisor.serve(settings)
     job = check(settings) if settings.command == "check" else serve(settings)
     try:
         return eventloop.run(job)

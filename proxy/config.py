@@ -82,6 +82,8 @@ class Settings:
     read_timeout: float = 300.0
     pool_size: int = 100
     shutdown_grace: float = 10.0
+    # Processes serving requests; above 1 a supervisor holds the token for all (supervisor.py).
+    workers: int = 1
     client_id: str | None = None
     client_secret: Secret | None = field(default=None, repr=False)
     tenant: str | None = None
@@ -175,6 +177,19 @@ def _size(raw: str) -> int:
 _size.__doc__ = "a size in bytes, optionally with a unit (64KiB, 1MiB)"
 
 
+MAX_WORKERS = 64
+
+
+def _workers(raw: str) -> int:
+    value = raw.strip().lower()
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    return _int_range(1, MAX_WORKERS)(value)
+
+
+_workers.__doc__ = f"a whole number from 1 to {MAX_WORKERS}, or auto (one per CPU)"
+
+
 def _choice(choices: Sequence[str]) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
@@ -258,6 +273,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown_grace", "--shutdown-grace", "SQUIRRO_PROXY_SHUTDOWN_GRACE", _positive_float,
            "On SIGTERM/SIGINT, seconds in-flight requests get to finish.", default=10.0,
            metavar="SECONDS"),
+    Option("workers", "--workers", "SQUIRRO_PROXY_WORKERS", _workers,
+           "Processes serving requests, sharing one listening socket and one access token "
+           "(auto: one per CPU). Above 1, a supervisor process holds the token for all.",
+           default=1, metavar="N"),
     Option("client_id", "--client-id", "SQUIRRO_PROXY_CLIENT_ID", _text,
            "OAuth client id sent with the token exchange (optional).", metavar="ID"),
     Option("client_secret", "--client-secret", "SQUIRRO_PROXY_CLIENT_SECRET", _text,

@@ -23,7 +23,7 @@ from .config import Settings
 from .errors import proxy_error
 from .headers import client_response_headers, upstream_request_headers
 from .redact import mask_query
-from .tokens import TokenError, TokenManager, tls_untrusted_reason
+from .tokens import TokenError, TokenSource, tls_untrusted_reason
 
 log = logging.getLogger("squirro_proxy.forward")
 
@@ -43,7 +43,7 @@ class Upstream:
     settings: Settings
     session: aiohttp.ClientSession
     ws_session: aiohttp.ClientSession  # WebSocket handshakes: own pool, redirects refused
-    tokens: TokenManager
+    tokens: TokenSource
     base: str  # scheme://host[:port]/prefix, without a trailing slash
 
 
@@ -114,6 +114,16 @@ async def _stream(content: aiohttp.StreamReader, request: web.Request) -> AsyncI
 # New ids: a random prefix per process and a counter, unique without a syscall per request.
 _ID_PREFIX = os.urandom(6).hex()
 _ID_COUNTER = itertools.count(1)
+
+
+def _new_id_prefix() -> None:
+    """A forked worker process must not hand out its siblings' ids."""
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX = os.urandom(6).hex()
+    _ID_COUNTER = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
 
 
 def request_id(request: web.BaseRequest) -> str:

@@ -15,7 +15,7 @@ import math
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -35,7 +35,7 @@ from .errors import ERROR_HEADER
 from .forward import BYTES_IN, BYTES_OUT, RETRIED, UPSTREAM_LATENCY
 from .paths import OPS_PREFIX
 from .redact import mask_query
-from .tokens import TokenManager
+from .tokens import TokenSource
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BUCKET_LABELS = (*(repr(b) for b in LATENCY_BUCKETS), "+Inf")
@@ -75,7 +75,8 @@ class RequestStats:
     """Counters the request middleware updates; read by the collector and the status page."""
 
     __slots__ = ("bytes_in", "bytes_out", "in_flight", "latency_buckets", "latency_sum",
-                 "recent_errors", "recent_latencies", "requests", "retried", "started")
+                 "processes", "recent_errors", "recent_latencies", "requests", "retried",
+                 "started")
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str], int] = {}  # (method, status class) -> count
@@ -88,6 +89,7 @@ class RequestStats:
         self.recent_latencies: deque[float] = deque(maxlen=RECENT_LATENCIES)
         self.recent_errors: deque[UpstreamError] = deque(maxlen=RECENT_ERRORS)
         self.started = time.time()
+        self.processes = 1  # worker processes whose figures these are
 
     def finish(self, request: web.Request, status: int,
                response: web.StreamResponse | None) -> None:
@@ -125,6 +127,32 @@ class RequestStats:
             time.time(), request.method[:16], mask_query(request.raw_path)[:300], status,
             code or "cluster", detail[:300],
         ))
+
+    @classmethod
+    def merged(cls, parts: Iterable[RequestStats]) -> RequestStats:
+        """The figures of several worker processes as one (what a scrape should see)."""
+        total = cls()
+        total.processes = 0
+        latencies: list[float] = []
+        errors: list[UpstreamError] = []
+        for part in parts:
+            total.processes += part.processes
+            for key, count in part.requests.items():
+                total.requests[key] = total.requests.get(key, 0) + count
+            total.in_flight += part.in_flight
+            total.bytes_in += part.bytes_in
+            total.bytes_out += part.bytes_out
+            total.retried += part.retried
+            total.latency_buckets = [a + b for a, b in zip(
+                total.latency_buckets, part.latency_buckets, strict=True)]
+            total.latency_sum += part.latency_sum
+            latencies.extend(part.recent_latencies)
+            errors.extend(part.recent_errors)
+            total.started = min(total.started, part.started)
+        # The percentiles come from a sample either way; the errors keep their order in time.
+        total.recent_latencies.extend(latencies[-RECENT_LATENCIES:])
+        total.recent_errors.extend(sorted(errors, key=lambda e: e.at)[-RECENT_ERRORS:])
+        return total
 
     def percentiles(self, *points: float) -> dict[str, float | None]:
         """Nearest-rank percentiles (seconds) of the recent upstream latencies."""
@@ -179,11 +207,22 @@ class ProxyCollector(Collector):
 
     def __init__(self, stats: RequestStats, cluster: str) -> None:
         self._stats = stats
+        self._shown: RequestStats | None = None
         self._cluster = cluster
-        self.tokens: TokenManager | None = None  # set once the token manager exists
+        self.tokens: TokenSource | None = None  # set once the token source exists
+
+    @contextlib.contextmanager
+    def showing(self, stats: RequestStats) -> Iterator[None]:
+        """Collect `stats` (every worker's, merged) instead of this process's own; the scrape
+        that uses it is synchronous, so no other scrape can see them."""
+        self._shown = stats
+        try:
+            yield
+        finally:
+            self._shown = None
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._stats
+        stats = self._shown or self._stats
         info = InfoMetricFamily("squirro_proxy", "The proxy's version and cluster.")
         info.add_metric([], {"version": __version__, "cluster": self._cluster})
         yield info
@@ -196,6 +235,9 @@ class ProxyCollector(Collector):
         for (method, cls), count in sorted(stats.requests.items()):
             requests.add_metric([method, cls], count)
         yield requests
+        yield GaugeMetricFamily("squirro_proxy_workers",
+                                "Processes serving requests whose figures this scrape shows.",
+                                value=stats.processes)
         yield GaugeMetricFamily("squirro_proxy_in_flight_requests",
                                 "Requests being handled right now.", value=stats.in_flight)
         yield CounterMetricFamily("squirro_proxy_received_bytes",
@@ -275,3 +317,7 @@ def make_metrics(cluster: str) -> Metrics:
 
 
 METRICS = web.AppKey("metrics", Metrics)
+# Where the `/-/` endpoints get the request figures: this process's own, or, in a worker process,
+# every worker's merged by the supervisor.
+StatsView = Callable[[], Awaitable[RequestStats]]
+STATS_VIEW: web.AppKey[StatsView] = web.AppKey("stats_view")

@@ -26,10 +26,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import __version__
 from .errors import proxy_error
 from .forward import UPSTREAM
-from .metrics import METRICS, RequestStats
+from .metrics import METRICS, STATS_VIEW, RequestStats
 from .paths import HEALTHY, OPS_PREFIX, READY, STATUS
 from .paths import METRICS as METRICS_PATH
-from .tokens import TokenManager
+from .tokens import TokenSource
 
 ENDPOINTS = (HEALTHY, READY, METRICS_PATH, STATUS)
 
@@ -55,7 +55,7 @@ _PAGE_CSP = (
 # --- readiness ---------------------------------------------------------------------------------
 
 
-def not_ready_reason(tokens: TokenManager, now: float | None = None) -> str | None:
+def not_ready_reason(tokens: TokenSource, now: float | None = None) -> str | None:
     """None when ready; else why not, in words that reveal nothing about the cluster."""
     now = time.monotonic() if now is None else now
     failure = tokens.failure
@@ -86,13 +86,15 @@ async def ready(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition of the application's own registry."""
-    body = generate_latest(request.app[METRICS].registry)
+    metrics = request.app[METRICS]
+    with metrics.collector.showing(await request.app[STATS_VIEW]()):
+        body = generate_latest(metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST, **_NO_STORE})
 
 
 async def status(request: web.Request) -> web.Response:
     """The status page, or its data as JSON (Accept: application/json or ?format=json)."""
-    data = status_data(request.app)
+    data = status_data(request.app, await request.app[STATS_VIEW]())
     if _wants_json(request):
         return web.json_response(data, headers=_NO_STORE)
     return web.Response(
@@ -154,11 +156,10 @@ def _iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
-def status_data(app: web.Application) -> dict[str, Any]:
+def status_data(app: web.Application, stats: RequestStats) -> dict[str, Any]:
     """Everything the status page shows, as plain JSON-able data. Never a token."""
     up = app[UPSTREAM]
     tokens = up.tokens
-    stats: RequestStats = app[METRICS].stats
     now_mono, now = time.monotonic(), time.time()
 
     current = tokens.current
@@ -183,6 +184,7 @@ def status_data(app: web.Application) -> dict[str, Any]:
         "version": __version__,
         "now": _iso(now),
         "uptime_seconds": round(now - stats.started, 1),
+        "workers": stats.processes,
         "ready": reason is None,
         "not_ready_reason": reason,
         "cluster": str(up.settings.cluster),

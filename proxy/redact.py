@@ -45,6 +45,10 @@ class Redactor(logging.Filter):
         while len(store) > limit:
             store.popitem(last=False)
 
+    def lasting_secrets(self) -> tuple[str, ...]:
+        """The refresh and client tokens, for a worker process's own redactor."""
+        return tuple(self._lasting)
+
     def scrub(self, text: str) -> str:
         for store in (self._lasting, self._passing):
             for secret in store:

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 from yarl import URL
@@ -111,6 +112,24 @@ class RefreshEvent:
     lifetime: float | None = None
 
 
+class TokenSource(Protocol):
+    """What the forwarding handler and the `/-/` endpoints read: the TokenManager itself, or,
+    in a worker process, its mirror (token_mirror.py)."""
+
+    identity: Identity
+    failure: TokenError | None
+    history: deque[RefreshEvent]
+    refreshes_ok: int
+    refreshes_failed: dict[str, int]
+
+    @property
+    def current(self) -> AccessToken | None: ...
+
+    async def token(self) -> AccessToken: ...
+
+    async def refresh_after_401(self, stale: AccessToken) -> AccessToken: ...
+
+
 def backoff_delay(attempt: int, initial: float = BACKOFF_INITIAL,
                   maximum: float = BACKOFF_MAX) -> float:
     """Full-jitter exponential backoff: a random delay up to initial * 2**(attempt-1), capped."""
@@ -157,6 +176,9 @@ class TokenManager:
         self.refreshes_ok = 0
         self.refreshes_failed: dict[str, int] = {}
         self.listeners: list[Callable[[RefreshEvent], None]] = []
+        # Called once the state (token, failure, counts) settled after a change: the
+        # supervisor pushes it to the worker processes.
+        self.on_change: list[Callable[[], None]] = []
 
     # --- what the proxy asks ---------------------------------------------------------------
 
@@ -243,6 +265,7 @@ class TokenManager:
             self._refresh_token = old
             self.failure = failure_before
             self._wake.set()
+            self._changed()
             raise
 
     # --- single flight -----------------------------------------------------------------------
@@ -334,6 +357,7 @@ class TokenManager:
                     "token refresh failed: %s; retrying in %.1f s (%s)", exc.reason, delay,
                     "current access token still valid" if still else "answering 503 meanwhile",
                 )
+            self._changed()
             raise
         self._attempt = 0
         self._retry_at = 0.0
@@ -345,7 +369,12 @@ class TokenManager:
                  extra={"event_type": "token_refreshed", "trigger": trigger})
         if not self._first.done():
             self._first.set_result(new)
+        self._changed()
         return new
+
+    def _changed(self) -> None:
+        for callback in self.on_change:
+            callback()
 
     def _record(self, event: RefreshEvent) -> None:
         self.history.append(event)

@@ -45,6 +45,7 @@ class Seen:
     headers: list[tuple[str, str]]
     body_size: int = 0
     body_sha256: str = ""
+    peer_port: int = 0  # the proxy's end of the connection (tells worker processes apart)
 
 
 @dataclass
@@ -154,7 +155,9 @@ class FakeCluster:
 
     @web.middleware
     async def record(self, request: web.Request, handler: Callable[..., Any]) -> Any:
-        seen = Seen(request.method, request.raw_path, list(request.headers.items()))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        seen = Seen(request.method, request.raw_path, list(request.headers.items()),
+                    peer_port=peer[1] if peer else 0)
         self.requests.append(seen)
         request[SEEN] = seen
         if not request.path.endswith(TOKEN_PATH) and not self.authorized(request):

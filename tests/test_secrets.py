@@ -58,11 +58,12 @@ def _secrets(cluster: FakeCluster) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize(("log_format", "workers"), [("text", 1), ("json", 1), ("text", 2)])
 async def test_nothing_printed_or_answered_holds_a_token(
-    cluster: FakeCluster, cluster_url: URL, tmp_path: Path, log_format: str
+    cluster: FakeCluster, cluster_url: URL, tmp_path: Path, log_format: str, workers: int
 ) -> None:
-    """A debug-logged run with several refreshes prints and answers no token of any kind."""
+    """A debug-logged run with several refreshes prints and answers no token of any kind (also
+    with worker processes, to which the supervisor hands every token)."""
     cluster.lifetime = 1  # refresh about every 0.8 s
     cluster.rotate = True
     cluster.hooks["echo"] = _quiet_echo
@@ -72,7 +73,8 @@ async def test_nothing_printed_or_answered_holds_a_token(
         "SQUIRRO_PROXY_CLIENT_TOKEN": CLIENT_TOKEN,
         "SQUIRRO_PROXY_CLIENT_SECRET": CLIENT_SECRET,
     }
-    argv = ["--port", "0", "--log-level", "debug", "--log-format", log_format]
+    argv = ["--port", "0", "--log-level", "debug", "--log-format", log_format,
+            "--workers", str(workers)]
     if log_format == "text":
         argv += ["--token", REFRESH_TOKEN]  # the ps warning must not repeat it either
     else:

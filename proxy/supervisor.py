@@ -1,0 +1,338 @@
+"""`--workers N` above 1: a supervisor process and N workers sharing the listening sockets.
+
+One Python process saturates one core; the kernel spreads connections over the processes that
+accept on the same socket. The refresh token must still be exchanged once per refresh, however
+many processes serve, so the supervisor:
+
+- binds the listening sockets before any worker exists (a busy port is reported once, and
+  connections that arrive while workers start wait in the backlog instead of being refused);
+- forks the workers before it starts an event loop of its own, so each starts a clean loop;
+- holds the one TokenManager (and the token-file watcher), pushes each new token to every worker
+  and answers their questions (token expired, 401), so its single flight covers all of them;
+- merges every worker's figures for `/-/metrics` and `/-/status`, whichever worker is asked;
+- replaces a worker that dies (by exec: see worker.py), and on SIGTERM/SIGINT lets every worker
+  drain before it stops the token's life cycle.
+
+A worker whose supervisor disappears (SIGKILL) sees its channel close and stops too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from yarl import URL
+
+from . import demo, eventloop, worker
+from .app import TOKEN_POOL_SIZE
+from .config import Secret, Settings
+from .link import Link, LinkClosed, RemoteFailure, encode
+from .metrics import RequestStats
+from .secret_watch import TokenFileWatcher
+from .startup import cannot_listen, serve_until_stopped
+from .token_mirror import answer, state_of
+from .tokens import TokenManager
+from .upstream import make_session
+
+log = logging.getLogger("squirro_proxy.supervisor")
+
+EXIT_CONFIG = 2
+BACKLOG = 1024
+# A worker asked for its figures answers within this, or the scrape goes on without them.
+SNAPSHOT_TIMEOUT = 2.0
+# A worker that dies is replaced after a pause that doubles while replacements keep dying young.
+RESTART_DELAY = 0.5
+RESTART_DELAY_MAX = 30.0
+STABLE_AFTER = 10.0  # seconds a worker must live for the pause to start from the beginning again
+# After the shutdown grace, workers still running get this long before SIGKILL.
+KILL_MARGIN = 5.0
+
+
+@dataclasses.dataclass
+class WorkerProcess:
+    index: int
+    pid: int
+    started: float  # monotonic
+    channel: socket.socket  # the supervisor's end
+    proc: subprocess.Popen[bytes] | None = None  # set when started by exec
+    link: Link | None = None
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
+    async def reap(self) -> int:
+        """Wait for the process to end; its exit code (negative: the signal that ended it)."""
+        _, status = await asyncio.get_running_loop().run_in_executor(
+            None, os.waitpid, self.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if self.proc is not None:
+            self.proc.returncode = code  # reaped here, not by Popen
+        return code
+
+
+def serve(settings: Settings) -> int:
+    """Bind, fork the workers, then supervise them; the exit code. Call with no event loop."""
+    try:
+        listeners, urls = _bind(settings)
+    except OSError as error:
+        log.error("%s", cannot_listen(settings, error))
+        return EXIT_CONFIG
+    demo_sock: socket.socket | None = None
+    if settings.demo:
+        # The workers must know the demo cluster's URL before it serves: bind it now.
+        demo_sock = socket.create_server(("127.0.0.1", 0))
+        host, port = demo_sock.getsockname()[:2]
+        settings = dataclasses.replace(settings, cluster=URL(f"http://{host}:{port}"),
+                                       token=Secret(demo.DEMO_REFRESH_TOKEN))
+    workers: list[WorkerProcess] = []
+    for index in range(settings.workers):
+        inherited = [w.channel for w in workers] + ([demo_sock] if demo_sock else [])
+        workers.append(_fork(settings, listeners, index, inherited))
+    supervisor = Supervisor(settings, listeners, urls, workers, demo_sock)
+    try:
+        return eventloop.run(supervisor.run())
+    finally:
+        for sock in listeners:
+            sock.close()
+        if settings.unix_socket is not None:
+            with contextlib.suppress(OSError):
+                settings.unix_socket.unlink()
+
+
+def _bind(settings: Settings) -> tuple[list[socket.socket], list[str]]:
+    listeners: list[socket.socket] = []
+    urls: list[str] = []
+    try:
+        if settings.listen_tcp:
+            port = settings.port
+            infos = socket.getaddrinfo(settings.host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                listeners.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if port == 0 and len(listeners) > 1:  # port 0: the same free port everywhere
+                    address = (address[0], listeners[0].getsockname()[1], *address[2:])
+                sock.bind(address)
+                sock.listen(BACKLOG)
+                host, bound = sock.getsockname()[:2]
+                urls.append(f"http://{f'[{host}]' if ':' in host else host}:{bound}")
+        if settings.unix_socket is not None:
+            listeners.append(_bind_unix(settings.unix_socket))
+            urls.append(f"unix:{settings.unix_socket}")
+    except OSError:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners, urls
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    if path.is_socket():
+        path.unlink()  # left over from a previous run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Created with mode 0600 from the start: chmod afterwards leaves a window.
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    sock.listen(BACKLOG)
+    return sock
+
+
+def _fork(settings: Settings, listeners: Sequence[socket.socket], index: int,
+          inherited: Sequence[socket.socket]) -> WorkerProcess:
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the worker: never return into the supervisor's code
+        code = 1
+        try:
+            ours.close()
+            for sock in inherited:
+                sock.close()
+            code = worker.run(settings, listeners, theirs, index)
+        except BaseException:
+            log.exception("worker %d failed", index)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    theirs.close()
+    return WorkerProcess(index, pid, time.monotonic(), ours)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, listeners: Sequence[socket.socket], urls: list[str],
+                 workers: list[WorkerProcess], demo_sock: socket.socket | None) -> None:
+        self.settings = settings
+        self.listeners = listeners
+        self.urls = urls
+        self.workers: dict[int, WorkerProcess] = {w.index: w for w in workers}
+        self.demo_sock = demo_sock
+        self.stopping = False
+        self.tokens: TokenManager | None = None
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._restart_delay = RESTART_DELAY
+
+    async def run(self) -> int:
+        settings = self.settings
+        demo_runner: web.AppRunner | None = None
+        if self.demo_sock is not None:
+            demo_runner, url = await demo.start_demo_cluster(sock=self.demo_sock)
+            log.info("demo mode: a simulated Squirro cluster listens on %s", url)
+        session = make_session(settings, pool_size=TOKEN_POOL_SIZE)
+        assert settings.token is not None, "config.load guarantees a token outside demo mode"
+        tokens = self.tokens = TokenManager(
+            session, settings.cluster, settings.token,
+            default_lifetime=settings.token_lifetime, client_id=settings.client_id,
+            client_secret=settings.client_secret, tenant=settings.tenant,
+        )
+        tokens.on_change.append(self._push_state)
+        tokens.start()
+        watcher: TokenFileWatcher | None = None
+        if settings.token_file is not None:
+            watcher = TokenFileWatcher(settings.token_file, tokens, settings.token)
+            watcher.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        try:
+            for process in self.workers.values():
+                await self._attach(process)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_token_file, watcher)
+            how = f" with {len(self.workers)} worker processes"
+            return await serve_until_stopped(settings, tokens, self.urls, stop, how)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+            await self._stop_workers()
+            if watcher is not None:
+                await watcher.stop()
+            await tokens.stop()
+            await session.close()
+            if demo_runner is not None:
+                await demo_runner.cleanup()
+
+    # --- the workers ---------------------------------------------------------------------------
+
+    async def _attach(self, process: WorkerProcess, replacement: bool = False) -> None:
+        def on_note(op: str, payload: Any) -> None:
+            if op == "serving":
+                log.log(logging.INFO if replacement else logging.DEBUG,
+                        "worker %d (pid %d) serving", process.index, process.pid)
+
+        link = Link(process.channel, self._on_call, on_note)
+        await link.start()
+        process.link = link
+        assert self.tokens is not None
+        link.note("state", state_of(self.tokens))
+        task = asyncio.create_task(self._watch(process), name=f"worker-{process.index}")
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, process: WorkerProcess) -> None:
+        assert process.link is not None
+        await process.link.closed
+        code = await process.reap()
+        await process.link.close()
+        if self.stopping:
+            return
+        lived = time.monotonic() - process.started
+        self._restart_delay = (RESTART_DELAY if lived > STABLE_AFTER
+                               else min(RESTART_DELAY_MAX, self._restart_delay * 2))
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        log.error("worker %d (pid %d) %s; starting a new one in %.1f s", process.index,
+                  process.pid, how, self._restart_delay)
+        await asyncio.sleep(self._restart_delay)
+        if self.stopping:
+            return
+        replacement = self._exec(process.index)
+        self.workers[process.index] = replacement
+        await self._attach(replacement, replacement=True)
+
+    def _exec(self, index: int) -> WorkerProcess:
+        ours, theirs = socket.socketpair()
+        fds = [sock.fileno() for sock in self.listeners]
+        proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
+            [sys.executable, "-m", "proxy.worker", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(), *fds), stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        # Its first message: what a forked worker would have inherited.
+        ours.sendall(encode((self.settings, index, fds)))
+        return WorkerProcess(index, proc.pid, time.monotonic(), ours, proc)
+
+    async def _stop_workers(self) -> None:
+        self.stopping = True
+        for process in self.workers.values():
+            process.signal(signal.SIGTERM)
+        waiting = set(self._watchers)
+        if waiting:
+            _, late = await asyncio.wait(waiting, timeout=self.settings.shutdown_grace
+                                         + KILL_MARGIN)
+            if late:
+                for process in self.workers.values():
+                    process.signal(signal.SIGKILL)
+                await asyncio.wait(late, timeout=KILL_MARGIN)
+
+    # --- what the workers ask -------------------------------------------------------------------
+
+    async def _on_call(self, op: str, payload: Any) -> Any:
+        assert self.tokens is not None
+        if op in ("token", "refresh"):
+            return await answer(self.tokens, op, payload)
+        if op == "stats":
+            return await self._all_stats()
+        raise ValueError(f"unknown call {op!r}")
+
+    async def _all_stats(self) -> RequestStats:
+        parts = await asyncio.gather(*(self._snapshot(p) for p in list(self.workers.values())))
+        return RequestStats.merged(p for p in parts if p is not None)
+
+    @staticmethod
+    async def _snapshot(process: WorkerProcess) -> RequestStats | None:
+        if process.link is None:
+            return None
+        try:
+            async with asyncio.timeout(SNAPSHOT_TIMEOUT):
+                stats: RequestStats = await process.link.call("snapshot")
+                return stats
+        except (LinkClosed, RemoteFailure, TimeoutError):
+            return None  # dying or stuck: the scrape goes on without it
+
+    def _push_state(self) -> None:
+        assert self.tokens is not None
+        state = state_of(self.tokens)
+        for process in self.workers.values():
+            if process.link is not None:
+                with contextlib.suppress(LinkClosed, RuntimeError):
+                    process.link.note("state", state)
+
+    @staticmethod
+    def _reload_token_file(watcher: TokenFileWatcher | None) -> None:
+        if watcher is None:
+            log.info("SIGHUP: nothing to re-read: the refresh token did not come from a file "
+                     "(set SQUIRRO_TOKEN_FILE to rotate it without a restart)")
+            return
+        watcher.reload_now()
+

@@ -1,0 +1,253 @@
+"""`--workers 2`: worker processes behind one port, one token for all, held by the supervisor.
+
+The proxy runs as the real CLI; the fake cluster counts token calls and records, for each
+request, the proxy's end of the connection, which tells the worker processes apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+from yarl import URL
+
+from tests.fakes import FakeCluster
+from tests.helpers import until
+from tests.processes import LISTEN, ProxyProcess, proxy_env, spawn
+
+PROJECTS = "api/topic/v0/squirro_test/projects"
+
+
+async def _start(procs: list[ProxyProcess], cluster_url: URL, tmp_path: Path, *args: str,
+                 workers: int = 2) -> tuple[ProxyProcess, URL]:
+    p = await spawn("--workers", str(workers), *args, env=proxy_env(cluster_url), cwd=tmp_path)
+    procs.append(p)
+    base = URL((await p.wait_line(LISTEN)).group(1))
+    await until(lambda: len(p.children()) == workers)
+    return p, base
+
+
+async def _get_many(base: URL, count: int, path: str = PROJECTS) -> list[int]:
+    """`count` GETs, each on a connection of its own, so the kernel spreads them over workers."""
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True, limit=50)
+    ) as client:
+
+        async def one() -> int:
+            async with client.get(base / path) as resp:
+                await resp.read()
+                return resp.status
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def _worker_of_port(p: ProxyProcess, cluster_port: int) -> dict[int, int]:
+    """The proxy-side port of each connection to the cluster -> the worker pid holding it."""
+    owners = {}
+    for child in p.children():
+        for conn in child.net_connections("tcp"):
+            if conn.raddr and conn.raddr.port == cluster_port:
+                owners[conn.laddr.port] = child.pid
+    return owners
+
+
+async def test_workers_share_the_port_and_one_token(
+    procs: list[ProxyProcess], cluster: FakeCluster, cluster_url: URL, tmp_path: Path
+) -> None:
+    """Two workers both forward requests, and the cluster sees one token exchange for both."""
+    p, base = await _start(procs, cluster_url, tmp_path)
+    assert "with 2 worker processes" in "".join(p.lines)
+    statuses = await _get_many(base, 300)
+    assert statuses == [200] * 300
+    assert cluster.token_calls == 1
+    owners = _worker_of_port(p, cluster_url.port or 0)
+    served_by = {owners.get(seen.peer_port) for seen in cluster.api_requests()}
+    assert served_by == {c.pid for c in p.children()}, "both workers forwarded requests"
+
+
+async def test_401_refreshes_once_across_workers(
+    procs: list[ProxyProcess], cluster: FakeCluster, cluster_url: URL, tmp_path: Path
+) -> None:
+    """A revoked token: 401s in every worker lead to one exchange, and every request succeeds."""
+    _, base = await _start(procs, cluster_url, tmp_path)
+    assert await _get_many(base, 50) == [200] * 50
+    cluster.revoke_access_tokens()
+    assert await _get_many(base, 200) == [200] * 200
+    assert cluster.token_calls == 2
+
+
+async def test_workers_get_each_new_token_from_the_supervisor(
+    procs: list[ProxyProcess], cluster: FakeCluster, cluster_url: URL, tmp_path: Path
+) -> None:
+    """A 2 s token refreshed ahead of expiry reaches every worker: no 401, no extra exchange."""
+    cluster.lifetime = 2
+    _, base = await _start(procs, cluster_url, tmp_path)
+    started = time.monotonic()
+    while time.monotonic() - started < 5:
+        assert await _get_many(base, 20) == [200] * 20
+    elapsed = time.monotonic() - started
+    # One exchange at start-up, then one per 80% (±5%) of the 2 s lifetime.
+    assert 3 <= cluster.token_calls <= 2 + elapsed / 1.5
+    unauthorized = [s for s in cluster.api_requests()
+                    if dict(s.headers).get("Authorization", "")[7:] not in cluster.tokens]
+    assert not unauthorized, "every request carried a token the cluster had issued"
+
+
+async def test_metrics_and_status_count_every_worker(
+    procs: list[ProxyProcess], cluster_url: URL, tmp_path: Path
+) -> None:
+    """Whichever worker answers the scrape, it shows every worker's requests."""
+    _, base = await _start(procs, cluster_url, tmp_path)
+    assert await _get_many(base, 120) == [200] * 120
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True)
+    ) as client:
+        for _ in range(6):  # a new connection each time: either worker may answer
+            async with client.get(base / "-/metrics") as resp:
+                text = await resp.text()
+            total = sum(float(m.group(1)) for m in re.finditer(
+                r'^squirro_proxy_requests_total\{[^}]*\} (\S+)$', text, re.MULTILINE))
+            assert total == 120
+            assert re.search(r"^squirro_proxy_workers 2\.0$", text, re.MULTILINE)
+            assert re.search(r"^squirro_proxy_token_refreshes_total\{outcome=\"ok\",reason=\"ok\"\}"
+                             r" 1\.0$", text, re.MULTILINE)
+            async with client.get(base / "-/status", params={"format": "json"}) as resp:
+                data = json.loads(await resp.text())
+            assert data["requests"]["total"] == 120
+            assert data["workers"] == 2
+            assert data["ready"] is True
+
+
+async def test_sigterm_lets_every_worker_finish_its_requests(
+    procs: list[ProxyProcess], cluster: FakeCluster, cluster_url: URL, tmp_path: Path
+) -> None:
+    """SIGTERM: requests in flight in the workers finish, then everything exits 0."""
+    p, base = await _start(procs, cluster_url, tmp_path)
+    children = p.children()
+    arrived, release = cluster.hold_answers()
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True)
+    ) as client:
+
+        async def held() -> tuple[int, str]:
+            async with client.get(base / "api/held") as resp:
+                return resp.status, await resp.text()
+
+        calls = [asyncio.ensure_future(held()) for _ in range(8)]
+        await until(lambda: len(arrived) == 8)
+        p.proc.send_signal(signal.SIGTERM)
+        await p.wait_line("shutting down")
+        await asyncio.sleep(0.3)
+        release.set()
+        assert await asyncio.gather(*calls) == [(200, "done")] * 8
+    code, _ = await p.finish()
+    assert code == 0
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+
+async def test_a_dead_worker_is_replaced(
+    procs: list[ProxyProcess], cluster: FakeCluster, cluster_url: URL, tmp_path: Path
+) -> None:
+    """A worker killed by a signal is started again; it gets the token without an exchange."""
+    p, base = await _start(procs, cluster_url, tmp_path)
+    victim = p.children()[0]
+    victim.kill()
+    await p.wait_line(rf"worker \d \(pid {victim.pid}\) was killed by signal 9; starting a new")
+    await p.wait_line(rf"worker \d \(pid (?!{victim.pid}\))\d+\) serving")
+    await until(lambda: len(p.children()) == 2 and victim.pid not in
+                {c.pid for c in p.children()})
+    assert await _get_many(base, 200) == [200] * 200
+    owners = _worker_of_port(p, cluster_url.port or 0)
+    recent = cluster.api_requests()[-200:]
+    assert {owners.get(s.peer_port) for s in recent} == {c.pid for c in p.children()}
+    assert cluster.token_calls == 1
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(
+    procs: list[ProxyProcess], cluster_url: URL, tmp_path: Path
+) -> None:
+    """SIGKILL to the supervisor leaves no orphan workers: they see their channel close."""
+    p, _ = await _start(procs, cluster_url, tmp_path)
+    children = p.children()
+    p.proc.kill()
+    await p.proc.wait()
+    _, alive = await asyncio.to_thread(psutil.wait_procs, children, 15)
+    assert not alive
+
+
+async def test_refused_token_at_start_up_exits_1_with_workers(
+    procs: list[ProxyProcess], cluster: FakeCluster, cluster_url: URL, tmp_path: Path
+) -> None:
+    """The cluster refuses the token at start-up: exit 1 with the reason, workers stopped too."""
+    cluster.token_statuses = [404]
+    p = await spawn("--workers", "2", env=proxy_env(cluster_url), cwd=tmp_path)
+    procs.append(p)
+    await until(lambda: len(p.children()) == 2)
+    children = p.children()
+    code, out = await p.finish()
+    assert code == 1
+    assert "cannot start: the token was rejected as invalid (404)" in out
+    assert "Traceback" not in out
+    _, alive = await asyncio.to_thread(psutil.wait_procs, children, 15)
+    assert not alive
+
+
+async def test_busy_port_is_one_clear_error(tmp_path: Path, cluster_url: URL) -> None:
+    """A port in use: exit 2 with one message, before any worker starts."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        p = await spawn("--workers", "2", "--port", str(port),
+                        env={**proxy_env(cluster_url), "SQUIRRO_PROXY_PORT": str(port)},
+                        cwd=tmp_path)
+        code, out = await p.finish()
+    assert code == 2
+    assert out.count("cannot listen on 127.0.0.1:") == 1
+    assert "Address already in use" in out
+    assert "Traceback" not in out
+
+
+async def test_unix_socket_with_workers(
+    procs: list[ProxyProcess], cluster_url: URL, tmp_path: Path
+) -> None:
+    """Workers serve the Unix socket too; it is created with mode 0600 and removed at exit."""
+    path = tmp_path / "proxy.sock"
+    env = proxy_env(cluster_url)
+    del env["SQUIRRO_PROXY_PORT"]  # the Unix socket alone
+    p = await spawn("--workers", "2", "--unix-socket", str(path), env=env, cwd=tmp_path)
+    procs.append(p)
+    await p.wait_line(r"listening on unix:")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(path))) as client:
+        for _ in range(20):
+            async with client.get("http://localhost/" + PROJECTS) as resp:
+                assert resp.status == 200
+    p.proc.send_signal(signal.SIGTERM)
+    code, _ = await p.finish()
+    assert code == 0
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("0", "--workers: '0' is not valid: expected a whole number from 1 to 64, or auto"),
+    ("many", "--workers: 'many' is not valid"),
+    ("65", "--workers: '65' is not valid"),
+])
+async def test_bad_workers_value_exits_2(
+    tmp_path: Path, cluster_url: URL, value: str, problem: str
+) -> None:
+    """A bad --workers is a configuration error that says what is accepted."""
+    p = await spawn("--workers", value, env=proxy_env(cluster_url), cwd=tmp_path)
+    code, out = await p.finish()
+    assert code == 2
+    assert problem in out
+    assert "Traceback" not in out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -180,10 +181,26 @@ _size.__doc__ = "a size in bytes, optionally with a unit (64KiB, 1MiB)"
 MAX_WORKERS = 64
 
 
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container
+    limited to 2 CPUs on a 64-core host gets 2, not 64)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to respect
+    return max(1, count)
+
+
 def _workers(raw: str) -> int:
     value = raw.strip().lower()
     if value == "auto":
-        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+        return min(MAX_WORKERS, available_cpus())
     return _int_range(1, MAX_WORKERS)(value)
 
 

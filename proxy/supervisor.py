@@ -35,7 +35,7 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
-from . import demo, eventloop, worker
+from . import __version__, demo, eventloop, worker
 from .app import TOKEN_POOL_SIZE
 from .config import Secret, Settings
 from .link import Link, LinkClosed, RemoteFailure, encode
@@ -50,6 +50,7 @@ log = logging.getLogger("squirro_proxy.supervisor")
 
 EXIT_CONFIG = 2
 BACKLOG = 1024
+STOP_SIGNALS = worker.STOP_SIGNALS
 # A worker asked for its figures answers within this, or the scrape goes on without them.
 SNAPSHOT_TIMEOUT = 2.0
 # A worker that dies is replaced after a pause that doubles while replacements keep dying young.
@@ -68,8 +69,11 @@ class WorkerProcess:
     channel: socket.socket  # the supervisor's end
     proc: subprocess.Popen[bytes] | None = None  # set when started by exec
     link: Link | None = None
+    reaped: bool = False  # its pid may belong to another process by now
 
     def signal(self, sig: int) -> None:
+        if self.reaped:
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, sig)
 
@@ -78,6 +82,7 @@ class WorkerProcess:
         _, status = await asyncio.get_running_loop().run_in_executor(
             None, os.waitpid, self.pid, 0)
         code = os.waitstatus_to_exitcode(status)
+        self.reaped = True
         if self.proc is not None:
             self.proc.returncode = code  # reaped here, not by Popen
         return code
@@ -97,6 +102,9 @@ def serve(settings: Settings) -> int:
         host, port = demo_sock.getsockname()[:2]
         settings = dataclasses.replace(settings, cluster=URL(f"http://{host}:{port}"),
                                        token=Secret(demo.DEMO_REFRESH_TOKEN))
+    # Signals wait (blocked, not lost) until each process's event loop has its handlers: a
+    # Ctrl-C during start-up then stops everything in order instead of killing half of it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     workers: list[WorkerProcess] = []
     for index in range(settings.workers):
         inherited = [w.channel for w in workers] + ([demo_sock] if demo_sock else [])
@@ -104,12 +112,18 @@ def serve(settings: Settings) -> int:
     supervisor = Supervisor(settings, listeners, urls, workers, demo_sock)
     try:
         return eventloop.run(supervisor.run())
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130
     finally:
-        for sock in listeners:
-            sock.close()
-        if settings.unix_socket is not None:
-            with contextlib.suppress(OSError):
-                settings.unix_socket.unlink()
+        close_listeners(listeners, settings)
+
+
+def close_listeners(listeners: Sequence[socket.socket], settings: Settings) -> None:
+    for sock in listeners:
+        sock.close()
+    if settings.unix_socket is not None:
+        with contextlib.suppress(OSError):
+            settings.unix_socket.unlink()
 
 
 def _bind(settings: Settings) -> tuple[list[socket.socket], list[str]]:
@@ -188,9 +202,10 @@ class Supervisor:
         self.workers: dict[int, WorkerProcess] = {w.index: w for w in workers}
         self.demo_sock = demo_sock
         self.stopping = False
+        self._stopping = asyncio.Event()
         self.tokens: TokenManager | None = None
         self._watchers: set[asyncio.Task[None]] = set()
-        self._restart_delay = RESTART_DELAY
+        self._restart_delay = RESTART_DELAY / 2  # doubled at the first death
 
     async def run(self) -> int:
         settings = self.settings
@@ -213,19 +228,27 @@ class Supervisor:
             watcher.start()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+
+        def on_stop_signal() -> None:
+            # At once, not when `stop` is seen: the workers got the same Ctrl-C, and the first
+            # to finish must not be mistaken for one that died.
+            self.stopping = True
+            stop.set()
+
         try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, on_stop_signal)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_token_file, watcher)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             for process in self.workers.values():
                 await self._attach(process)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self._reload_token_file, watcher)
             how = f" with {len(self.workers)} worker processes"
             return await serve_until_stopped(settings, tokens, self.urls, stop, how)
         finally:
+            await self._stop_workers()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(sig)
-            await self._stop_workers()
             if watcher is not None:
                 await watcher.stop()
             await tokens.stop()
@@ -255,45 +278,78 @@ class Supervisor:
         await process.link.closed
         code = await process.reap()
         await process.link.close()
-        if self.stopping:
-            return
+        if code == 0 and not self.stopping:
+            # A clean exit: a stop signal sent to the whole process group reaches the workers
+            # too, and one may finish before the supervisor acted on its own copy.
+            await self._sleep_unless_stopping(0.2)
         lived = time.monotonic() - process.started
-        self._restart_delay = (RESTART_DELAY if lived > STABLE_AFTER
-                               else min(RESTART_DELAY_MAX, self._restart_delay * 2))
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        log.error("worker %d (pid %d) %s; starting a new one in %.1f s", process.index,
-                  process.pid, how, self._restart_delay)
-        await asyncio.sleep(self._restart_delay)
-        if self.stopping:
+        while not self.stopping:
+            self._restart_delay = (RESTART_DELAY if lived > STABLE_AFTER
+                                   else min(RESTART_DELAY_MAX, self._restart_delay * 2))
+            log.error("worker %d (pid %d) %s; starting a new one in %.1f s", process.index,
+                      process.pid, how, self._restart_delay)
+            await self._sleep_unless_stopping(self._restart_delay)
+            if self.stopping:
+                return
+            try:
+                replacement = self._exec(process.index)
+            except OSError as exc:  # no processes or file descriptors left, for one
+                how, lived = f"could not be started again ({exc})", 0.0
+                continue
+            self.workers[process.index] = replacement
+            await self._attach(replacement, replacement=True)
+            if self.stopping:  # stopping began while it started: it must drain too
+                replacement.signal(signal.SIGTERM)
             return
-        replacement = self._exec(process.index)
-        self.workers[process.index] = replacement
-        await self._attach(replacement, replacement=True)
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     def _exec(self, index: int) -> WorkerProcess:
         ours, theirs = socket.socketpair()
         fds = [sock.fileno() for sock in self.listeners]
-        proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
-            [sys.executable, "-m", "proxy.worker", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(), *fds), stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
-        # Its first message: what a forked worker would have inherited.
-        ours.sendall(encode((self.settings, index, fds)))
-        return WorkerProcess(index, proc.pid, time.monotonic(), ours, proc)
+        try:
+            # -P: nothing from the current directory may shadow the package that is then
+            # handed the secrets.
+            proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
+                [sys.executable, "-P", "-m", "proxy.worker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(), *fds), stdin=subprocess.DEVNULL,
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        process = WorkerProcess(index, proc.pid, time.monotonic(), ours, proc)
+        # Its first message: what a forked worker would have inherited. If it died at once,
+        # its channel reads as closed and _watch deals with it.
+        with contextlib.suppress(OSError):
+            ours.sendall(encode((__version__, self.settings, index, fds)))
+        return process
 
     async def _stop_workers(self) -> None:
         self.stopping = True
+        self._stopping.set()
+        # New connections are refused from now on, as a single process would refuse them,
+        # instead of waiting in a backlog nobody accepts from any more.
+        close_listeners(self.listeners, self.settings)
         for process in self.workers.values():
             process.signal(signal.SIGTERM)
-        waiting = set(self._watchers)
-        if waiting:
-            _, late = await asyncio.wait(waiting, timeout=self.settings.shutdown_grace
-                                         + KILL_MARGIN)
-            if late:
+        deadline = time.monotonic() + self.settings.shutdown_grace + KILL_MARGIN
+        killed = False
+        while self._watchers:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if killed:
+                    log.error("worker processes did not end after SIGKILL; leaving them")
+                    return
                 for process in self.workers.values():
                     process.signal(signal.SIGKILL)
-                await asyncio.wait(late, timeout=KILL_MARGIN)
+                killed, deadline = True, time.monotonic() + KILL_MARGIN
+                continue
+            await asyncio.wait(set(self._watchers), timeout=left)
 
     # --- what the workers ask -------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ expired, or the cluster answered 401. The supervisor's single flight then covers
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -60,6 +61,12 @@ class TokenState:
     refreshes_failed: dict[str, int]
     # Refresh tokens (rotated ones too) for the worker's log redactor.
     lasting_secrets: tuple[str, ...] = field(repr=False)
+    # Increases with every state the supervisor sends: a reply computed before a push may be
+    # read after it, and must not take the worker back to the older state.
+    seq: int = 0
+
+
+_SEQ = itertools.count(1)
 
 
 def state_of(tokens: TokenManager) -> TokenState:
@@ -67,7 +74,7 @@ def state_of(tokens: TokenManager) -> TokenState:
     return TokenState(
         tokens.current, None if failure is None else FailureState.of(failure), tokens.identity,
         tuple(tokens.history), tokens.refreshes_ok, dict(tokens.refreshes_failed),
-        REDACTOR.lasting_secrets(),
+        REDACTOR.lasting_secrets(), next(_SEQ),
     )
 
 
@@ -86,6 +93,7 @@ class TokenMirror:
         self._ask = ask
         self._clock = clock
         self._current: AccessToken | None = None
+        self._seq = 0
         self._asking: dict[tuple[str, str | None], asyncio.Task[AccessToken]] = {}
         self.identity = Identity()
         self.failure: TokenError | None = None
@@ -99,6 +107,9 @@ class TokenMirror:
 
     def apply(self, state: TokenState) -> None:
         """Adopt the supervisor's state (pushed, or with the answer to a question)."""
+        if state.seq < self._seq:
+            return
+        self._seq = state.seq
         for secret in state.lasting_secrets:
             REDACTOR.add(secret, lasting=True)
         if state.current is not None:
@@ -148,9 +159,12 @@ class TokenMirror:
         self.apply(state)
         if failure is not None:
             raise failure.error()
-        if state.current is None:  # cannot happen: no failure means a token
+        # A newer state may have come first; the answer's token was valid when it was sent.
+        newer = self._current if self._seq > state.seq else None
+        current = newer or state.current
+        if current is None:  # cannot happen: no failure means a token
             raise TokenUnavailable("no access token yet", None, 1.0)
-        return state.current
+        return current
 
 
 async def answer(tokens: TokenManager, op: str, stale: str | None) -> Reply:

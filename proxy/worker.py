@@ -19,17 +19,19 @@ from typing import Any
 
 from aiohttp import web
 
-from . import eventloop
+from . import __version__, eventloop
 from .app import make_app
 from .config import Settings
 from .connection import ProxyAppRunner
 from .link import Link, LinkClosed, RemoteFailure, read_message_blocking
 from .logs import configure
 from .metrics import METRICS, RequestStats
+from .redact import REDACTOR
 from .token_mirror import TokenMirror
 
 log = logging.getLogger("squirro_proxy.worker")
 
+STOP_SIGNALS = frozenset((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 # A scrape waits this long for the supervisor to merge every worker's figures.
 STATS_TIMEOUT = 5.0
 
@@ -57,6 +59,10 @@ async def _serve(settings: Settings, listeners: Sequence[socket.socket],
         if op == "state":
             mirror.apply(payload)
 
+    # Known to the log redactor from the start, before the supervisor's first state arrives.
+    for secret in (settings.token, settings.client_secret, settings.client_token):
+        if secret is not None:
+            REDACTOR.add(secret.reveal(), lasting=True)
     link = Link(channel, on_call, on_note)
     await link.start()
     mirror = TokenMirror(link.call)
@@ -85,6 +91,8 @@ async def _serve(settings: Settings, listeners: Sequence[socket.socket],
             loop.add_signal_handler(sig, stop.set)
         # The supervisor re-reads the token file on SIGHUP; a worker has nothing to re-read.
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        # Blocked by the supervisor across the fork; any that came meanwhile arrive now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         await asyncio.wait({stopper, link.closed}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
@@ -92,20 +100,27 @@ async def _serve(settings: Settings, listeners: Sequence[socket.socket],
             log.error("worker %d: the supervisor went away; stopping", index)
         return 0
     finally:
+        # In-flight requests finish first (they may still need the supervisor for a token).
+        # The handlers stay until then: a second signal (Ctrl-C reaches every process of the
+        # group, then the supervisor sends SIGTERM) must not kill a draining worker.
+        await runner.cleanup()
+        await link.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
-        # In-flight requests finish first (they may still need the supervisor for a token).
-        await runner.cleanup()
-        await link.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m proxy.worker FD`: a replacement worker; its settings come over the channel."""
     args = sys.argv[1:] if argv is None else argv
     channel = socket.socket(fileno=int(args[0]))
-    settings, index, listener_fds = read_message_blocking(channel)
+    version, settings, index, listener_fds = read_message_blocking(channel)
     configure(settings.log_level, settings.log_format)
+    if version != __version__:
+        # The package was upgraded under a running supervisor: restart the whole proxy.
+        log.error("worker %d: this is squirro-proxy %s, the supervisor runs %s: restart the "
+                  "proxy to use the new version", index, __version__, version)
+        return 1
     listeners = [socket.socket(fileno=fd) for fd in listener_fds]
     return run(settings, listeners, channel, index)
 

@@ -63,14 +63,16 @@ class ProxyProcess:
         return code, "".join(self.lines)
 
 
-async def spawn(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-                ) -> ProxyProcess:
+async def spawn(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+                own_group: bool = False) -> ProxyProcess:
+    """`own_group`: in a process group of its own, which a test may signal as a terminal's
+    Ctrl-C would (without reaching the test runner)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SQUIRRO")}
     full_env.update(env or {})
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", *args, env=full_env, cwd=cwd,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, start_new_session=own_group,
     )
     return ProxyProcess(proc)
 

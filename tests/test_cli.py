@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 from yarl import URL
 
@@ -142,9 +143,13 @@ async def test_token_flag_warns_about_ps(
     assert REFRESH_TOKEN not in out
 
 
-async def test_demo_mode_serves_projects(procs: list[ProxyProcess], tmp_path: Path) -> None:
-    """--demo starts the simulated cluster, prints curl commands, and the projects list works."""
-    p = await spawn("--demo", "--port", "0", cwd=tmp_path)
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_demo_mode_serves_projects(
+    procs: list[ProxyProcess], tmp_path: Path, workers: str
+) -> None:
+    """--demo starts the simulated cluster, prints curl commands, and the projects list works
+    (with worker processes too: the supervisor runs the demo cluster)."""
+    p = await spawn("--demo", "--port", "0", "--workers", workers, cwd=tmp_path)
     procs.append(p)
     url = URL((await p.wait_line(LISTEN)).group(1))
     await p.wait_line("curl -s")
@@ -158,8 +163,9 @@ async def test_demo_mode_serves_projects(procs: list[ProxyProcess], tmp_path: Pa
     assert {"id", "title"} <= set(projects[0])
     assert first.startswith(b"event: question")
     p.proc.send_signal(signal.SIGTERM)
-    code, _ = await p.finish()
+    code, out = await p.finish()
     assert code == 0
+    assert "Traceback" not in out
 
 
 async def test_check_command_ok_and_failure(

@@ -310,3 +310,51 @@ async def test_bad_workers_value_exits_2(
     assert code == 2
     assert problem in out
     assert "Traceback" not in out
+
+
+async def test_rotated_token_file_reaches_every_worker(
+    procs: list[ProxyProcess], cluster: FakeCluster, cluster_url: URL, tmp_path: Path
+) -> None:
+    """SIGHUP after the token file changed: the supervisor exchanges the new refresh token
+    once, and both workers go on with the access token it brought."""
+    token_file = tmp_path / "token"
+    token_file.write_text(cluster.refresh_token)
+    env = proxy_env(cluster_url)
+    del env["SQUIRRO_TOKEN"]
+    p = await spawn("--workers", "2", env={**env, "SQUIRRO_TOKEN_FILE": str(token_file)},
+                    cwd=tmp_path)
+    procs.append(p)
+    base = URL((await p.wait_line(LISTEN)).group(1))
+    await until(lambda: len(p.children()) == 2)
+    await _until_every_worker_forwards(p, cluster, cluster_url, base)
+    new_refresh = "refresh-token-rotated-by-the-admin-0123"
+    cluster.refresh_token = new_refresh  # the old one is refused from now on
+    token_file.write_text(new_refresh)
+    p.proc.send_signal(signal.SIGHUP)
+    await until(lambda: cluster.token_calls == 2)
+    assert cluster.token_forms[-1]["refresh_token"] == new_refresh
+    before = len(cluster.requests)
+    await _until_every_worker_forwards(p, cluster, cluster_url, base)
+    used = {dict(s.headers)["Authorization"] for s in cluster.requests[before:]}
+    assert used == {f"Bearer {cluster.last_token}"}
+    assert cluster.token_calls == 2
+    for child in p.children():  # workers ignore SIGHUP (the supervisor re-reads the file)
+        assert child.is_running()
+
+
+async def test_websocket_through_a_worker(
+    procs: list[ProxyProcess], cluster: FakeCluster, cluster_url: URL, tmp_path: Path
+) -> None:
+    """A WebSocket handshake in a worker carries the supervisor's token; messages pass."""
+    _, base = await _start(procs, cluster_url, tmp_path)
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True)
+    ) as client:
+        for _ in range(4):  # new connections: whichever worker accepts
+            async with client.ws_connect(base.with_scheme("ws") / "ws") as ws:
+                await ws.send_str("hello")
+                assert (await ws.receive(timeout=5)).data == "hello"
+                await ws.send_bytes(b"\x00\x01")
+                assert (await ws.receive(timeout=5)).data == b"\x00\x01"
+    assert cluster.token_calls == 1
+    assert sum(1 for event in cluster.ws_events if event[0] == "open") == 4

@@ -23,6 +23,7 @@ from .config import Settings
 from .errors import proxy_error
 from .headers import client_response_headers, upstream_request_headers
 from .redact import mask_query
+from .splice import Splicer, can_splice
 from .tokens import TokenError, TokenSource, tls_untrusted_reason
 
 log = logging.getLogger("squirro_proxy.forward")
@@ -276,27 +277,40 @@ async def _relay(
         forward_cookies=up.settings.forward_cookies,
     )
     headers[REQUEST_ID] = rid
+    spliced = can_splice(request, resp)
     # With a known length the body follows at once: its first piece carries the headers (one
-    # send() instead of two). Streams of unknown length (event streams) get them at once.
-    response_class = web.StreamResponse if resp.content_length is None else _HeadersWithBody
+    # send() instead of two). Streams of unknown length (event streams) get them at once, and
+    # so do bodies spliced past the process (splice.py), which need an empty send buffer.
+    response_class = (web.StreamResponse if resp.content_length is None or spliced
+                      else _HeadersWithBody)
     out = response_class(status=resp.status, reason=resp.reason, headers=headers)
     await out.prepare(request)
     content = resp.content
     sent = 0
+    splicer: Splicer | None = None
     try:
-        while True:
+        finished = False
+        if spliced:
+            try:
+                splicer, sent = await _start_splice(up, request, resp, out)
+                if splicer is not None:
+                    log.debug("splicing %d bytes of the answer to %s %s past the process",
+                              length_left(resp, sent), request.method, request.path)
+                    try:
+                        await splicer.run(length_left(resp, sent))
+                    finally:
+                        resp.close()  # bypassed, the connection cannot go back to the pool
+                    finished = True
+            except (TimeoutError, aiohttp.ClientPayloadError) as exc:
+                return _cluster_broke_off(request, out, exc)
+            except ConnectionError:
+                return _client_gone(request, resp, out)
+        while not finished:
             try:
                 chunk = await content.readany()
             except (TimeoutError, aiohttp.ClientPayloadError,
                     aiohttp.ClientConnectionError) as exc:
-                # The cluster broke off mid-body. Ending the response cleanly would hand the
-                # client a truncated body that looks complete: drop the connection instead.
-                log.warning("the cluster broke off the response to %s %s (%s); closing the "
-                            "client connection", request.method, request.path,
-                            exc.__class__.__name__)
-                if request.transport is not None:
-                    request.transport.abort()
-                return out
+                return _cluster_broke_off(request, out, exc)
             if not chunk:
                 break
             sent += len(chunk)
@@ -312,7 +326,47 @@ async def _relay(
     finally:
         # Once, however the relay ended (a cancelled handler included): the access log and
         # the metrics read it.
-        request[BYTES_OUT] = sent
+        request[BYTES_OUT] = sent + (splicer.moved if splicer is not None else 0)
+
+
+def length_left(resp: aiohttp.ClientResponse, sent: int) -> int:
+    assert resp.content_length is not None
+    return resp.content_length - sent
+
+
+async def _start_splice(
+    up: Upstream, request: web.Request, resp: aiohttp.ClientResponse, out: web.StreamResponse
+) -> tuple[Splicer | None, int]:
+    """Send what aiohttp already read and ready a Splicer for the rest; returns it and the
+    bytes sent. No Splicer when the client's send buffer did not empty: the normal relay
+    carries on from there."""
+    length = resp.content_length
+    assert length is not None and resp.connection is not None
+    buffered = resp.content.read_nowait()
+    if buffered:
+        await out.write(buffered)
+    transport = request.transport
+    if transport is None or transport.get_write_buffer_size() or len(buffered) >= length:
+        return None, len(buffered)
+    # From here on the body bypasses aiohttp: stop its reads (and its read timer) on the
+    # cluster's connection, which cannot go back to the pool afterwards.
+    resp.connection.protocol.pause_reading()  # type: ignore[union-attr]
+    upstream = resp.connection.transport
+    assert upstream is not None
+    splicer = Splicer(upstream.get_extra_info("socket"), transport.get_extra_info("socket"),
+                      up.settings.read_timeout)
+    return splicer, len(buffered)
+
+
+def _cluster_broke_off(request: web.Request, out: web.StreamResponse, exc: BaseException
+                       ) -> web.StreamResponse:
+    # The cluster broke off mid-body. Ending the response cleanly would hand the client a
+    # truncated body that looks complete: drop the connection instead.
+    log.warning("the cluster broke off the response to %s %s (%s); closing the client "
+                "connection", request.method, request.path, exc.__class__.__name__)
+    if request.transport is not None:
+        request.transport.abort()
+    return out
 
 
 def _client_gone(

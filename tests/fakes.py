@@ -216,13 +216,14 @@ class FakeCluster:
         return resp
 
     async def drop(self, request: web.Request) -> web.StreamResponse:
-        """Promise a body, send part of it, then break the connection."""
+        """Promise a body (`promise` bytes with `length=1`), send `send` bytes of it, then
+        break the connection, or with `stall` seconds, go silent that long first."""
         resp = web.StreamResponse()
         if request.query.get("length") == "1":
-            resp.content_length = 100_000
+            resp.content_length = int(request.query.get("promise", "100000"))
         await resp.prepare(request)
-        await resp.write(b"x" * 10_000)
-        await asyncio.sleep(0.05)
+        await resp.write(b"x" * int(request.query.get("send", "10000")))
+        await asyncio.sleep(float(request.query.get("stall", "0.05")))
         assert request.transport is not None
         request.transport.abort()
         return resp

@@ -287,24 +287,30 @@ async def _relay(
     await out.prepare(request)
     content = resp.content
     sent = 0
+    finished = False
     splicer: Splicer | None = None
     try:
-        finished = False
         if spliced:
+            splicer, buffered = _start_splice(up, request, resp)
+        if splicer is not None:
+            log.debug("splicing %d bytes of the answer to %s %s past the process",
+                      length_left(resp, len(buffered)), request.method, request.path)
             try:
-                splicer, sent = await _start_splice(up, request, resp, out)
-                if splicer is not None:
-                    log.debug("splicing %d bytes of the answer to %s %s past the process",
-                              length_left(resp, sent), request.method, request.path)
-                    try:
-                        await splicer.run(length_left(resp, sent))
-                    finally:
-                        resp.close()  # bypassed, the connection cannot go back to the pool
-                    finished = True
+                sent = len(buffered)
+                await out.write(buffered)
+                await splicer.run(length_left(resp, sent))
             except (TimeoutError, aiohttp.ClientPayloadError) as exc:
                 return _cluster_broke_off(request, out, exc)
             except ConnectionError:
+                # What was in the pipe is gone: the body cannot be completed, so the
+                # connection must not look reusable.
+                if request.transport is not None:
+                    request.transport.abort()
                 return _client_gone(request, resp, out)
+            finally:
+                splicer.close()
+                resp.close()  # bypassed, the connection cannot go back to the pool
+            finished = True
         while not finished:
             try:
                 chunk = await content.readany()
@@ -334,28 +340,27 @@ def length_left(resp: aiohttp.ClientResponse, sent: int) -> int:
     return resp.content_length - sent
 
 
-async def _start_splice(
-    up: Upstream, request: web.Request, resp: aiohttp.ClientResponse, out: web.StreamResponse
-) -> tuple[Splicer | None, int]:
-    """Send what aiohttp already read and ready a Splicer for the rest; returns it and the
-    bytes sent. No Splicer when the client's send buffer did not empty: the normal relay
-    carries on from there."""
-    length = resp.content_length
-    assert length is not None and resp.connection is not None
-    buffered = resp.content.read_nowait()
-    if buffered:
-        await out.write(buffered)
-    transport = request.transport
-    if transport is None or transport.get_write_buffer_size() or len(buffered) >= length:
-        return None, len(buffered)
-    # From here on the body bypasses aiohttp: stop its reads (and its read timer) on the
-    # cluster's connection, which cannot go back to the pool afterwards.
-    resp.connection.protocol.pause_reading()  # type: ignore[union-attr]
-    upstream = resp.connection.transport
-    assert upstream is not None
-    splicer = Splicer(upstream.get_extra_info("socket"), transport.get_extra_info("socket"),
-                      up.settings.read_timeout)
-    return splicer, len(buffered)
+def _start_splice(
+    up: Upstream, request: web.Request, resp: aiohttp.ClientResponse
+) -> tuple[Splicer | None, bytes]:
+    """Stop aiohttp reading the cluster and take what it already read; a Splicer for the rest
+    of the body, or None (out of descriptors) to let aiohttp relay it after all."""
+    assert resp.connection is not None and resp.connection.protocol is not None
+    upstream, client = resp.connection.transport, request.transport
+    # can_splice checked both (no isinstance: uvloop's transports are no asyncio subclasses)
+    assert upstream is not None and client is not None
+    try:
+        splicer = Splicer(upstream.get_extra_info("socket"), client, up.settings.read_timeout)
+    except OSError:
+        return None, b""
+    # Emptying the reader may resume reading from the cluster (aiohttp's flow control), so
+    # take pieces until none is left, then pause, with no await in between: not a byte is
+    # read that this misses.
+    pieces = []
+    while piece := resp.content.read_nowait():
+        pieces.append(piece)
+    resp.connection.protocol.pause_reading()  # also stops aiohttp's read timer
+    return splicer, b"".join(pieces)
 
 
 def _cluster_broke_off(request: web.Request, out: web.StreamResponse, exc: BaseException

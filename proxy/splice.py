@@ -25,6 +25,7 @@ from aiohttp import web
 # Below this, setting up a pipe and two descriptors costs more than the copies it saves.
 SPLICE_MIN = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
+YIELD_EVERY = 8 * 1024 * 1024
 AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 _FLAGS = (getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)) if AVAILABLE \
     else 0
@@ -49,61 +50,87 @@ def can_splice(request: web.Request, resp: aiohttp.ClientResponse) -> bool:
 
 
 class Splicer:
-    """Moves `length` bytes from the cluster's socket to the client's; `moved` counts them.
+    """Moves bytes from the cluster's socket to the client's; `moved` counts them.
 
-    Raises TimeoutError when the cluster is idle for `idle_timeout`, ClientPayloadError when
-    it closes before the end, ConnectionError when the client goes away.
+    `run` raises TimeoutError when the cluster is idle for `idle_timeout`, ClientPayloadError
+    when it closes or fails before the end, ConnectionResetError when the client goes away.
     """
 
-    def __init__(self, source: socket.socket, target: socket.socket, idle_timeout: float):
-        self._source = source.fileno()
-        self._target = target.fileno()
+    def __init__(self, source: socket.socket, client: asyncio.Transport,
+                 idle_timeout: float) -> None:
+        self._client = client
         self._idle_timeout = idle_timeout
         self.moved = 0
+        # Our own copies of the two sockets, for splicing and for the event loop to watch:
+        # the originals belong to their transports (which the loop will not let anyone else
+        # watch), and a copy can never come to mean another connection once they close.
+        # OSError (out of descriptors) here means: no splice, aiohttp relays instead.
+        target = client.get_extra_info("socket")
+        self._fds: list[int] = []
+        try:
+            self._source = self._dup(source.fileno())
+            self._target = self._dup(target.fileno())
+            self._pipe_out, self._pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._fds += [self._pipe_out, self._pipe_in]
+        except OSError:
+            self.close()
+            raise
+        with contextlib.suppress(OSError):  # a smaller pipe still works, only slower
+            fcntl.fcntl(self._pipe_in, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+    def _dup(self, fd: int) -> int:
+        copy = os.dup(fd)
+        self._fds.append(copy)
+        return copy
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
     async def run(self, length: int) -> None:
         loop = asyncio.get_running_loop()
-        read_pipe, write_pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # The event loop watches copies of the two sockets: the originals belong to their
-        # transports, which the loop will not let anyone else watch.
-        source_watch, target_watch = os.dup(self._source), os.dup(self._target)
-        try:
-            with contextlib.suppress(OSError):  # a smaller pipe still works, only slower
-                fcntl.fcntl(write_pipe, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            in_pipe = 0
-            while self.moved < length:
-                wanted = length - self.moved - in_pipe
-                if wanted > 0 and in_pipe < PIPE_SIZE:
-                    try:
-                        n = os.splice(self._source, write_pipe, min(wanted, PIPE_SIZE - in_pipe),
-                                      flags=_FLAGS)
-                    except BlockingIOError:
-                        if not in_pipe:
-                            await _ready(loop, source_watch, False, self._idle_timeout)
-                            continue
-                    except ConnectionError as exc:
-                        raise aiohttp.ClientPayloadError("the cluster broke the connection") \
-                            from exc
-                    else:
-                        if n == 0:
-                            raise aiohttp.ClientPayloadError(
-                                "the cluster closed the connection before the body ended")
-                        in_pipe += n
-                if in_pipe:
-                    try:
-                        n = os.splice(read_pipe, self._target, in_pipe, flags=_FLAGS)
-                    except BlockingIOError:
-                        # The client reads slower: wait for it, which also stops reading the
-                        # cluster (backpressure, with at most a pipe's worth in between).
-                        await _ready(loop, target_watch, True, None)
+        # What aiohttp wrote before (headers, the part it had read) must be on the wire first.
+        while self._client.get_write_buffer_size():
+            await _ready(loop, self._target, True, None)
+            await asyncio.sleep(0)  # the transport's own writer runs on the same readiness
+        in_pipe, since_yield = 0, 0
+        while self.moved < length:
+            wanted = length - self.moved - in_pipe
+            if wanted > 0 and in_pipe < PIPE_SIZE:
+                try:
+                    n = os.splice(self._source, self._pipe_in,
+                                  min(wanted, PIPE_SIZE - in_pipe), flags=_FLAGS)
+                except BlockingIOError:
+                    if not in_pipe:
+                        await _ready(loop, self._source, False, self._idle_timeout)
                         continue
-                    except OSError as exc:
-                        raise ConnectionResetError("the client went away") from exc
-                    in_pipe -= n
-                    self.moved += n
-        finally:
-            for fd in (read_pipe, write_pipe, source_watch, target_watch):
-                os.close(fd)
+                except OSError as exc:
+                    raise aiohttp.ClientPayloadError(
+                        f"the cluster's connection failed ({exc.__class__.__name__})") from exc
+                else:
+                    if n == 0:
+                        raise aiohttp.ClientPayloadError(
+                            "the cluster closed the connection before the body ended")
+                    in_pipe += n
+            if in_pipe:
+                try:
+                    n = os.splice(self._pipe_out, self._target, in_pipe, flags=_FLAGS)
+                except BlockingIOError:
+                    # The client reads slower: wait for it, which also stops reading the
+                    # cluster (backpressure, with at most a pipe's worth in between).
+                    await _ready(loop, self._target, True, None)
+                    continue
+                except OSError as exc:
+                    raise ConnectionResetError("the client connection failed") from exc
+                in_pipe -= n
+                self.moved += n
+                since_yield += n
+                if since_yield >= YIELD_EVERY:
+                    # A fast cluster and a fast client never make splice wait: let the other
+                    # connections, probes and the token refresh run now and then.
+                    since_yield = 0
+                    await asyncio.sleep(0)
 
 
 async def _ready(loop: asyncio.AbstractEventLoop, fd: int, writable: bool,

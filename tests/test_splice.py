@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 
 import aiohttp
 import httpx
 import pytest
+from yarl import URL
 
 from proxy.metrics import METRICS
 from proxy.splice import SPLICE_MIN
 from tests.conftest import Running, StartProxy
 from tests.fakes import FakeCluster, pattern
 from tests.helpers import until
+from tests.processes import LISTEN, ProxyProcess, proxy_env, spawn
 from tests.test_streaming import STALL_BOUND, run, until_stalled
 
 MiB = 1024 * 1024
@@ -137,3 +140,25 @@ async def test_idle_cluster_mid_splice_is_cut_after_the_read_timeout(
     assert spliced(splice_log) == 1
     assert any("broke off" in r.getMessage() and "TimeoutError" in r.getMessage()
                for r in splice_log.records)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_spliced_downloads_through_the_cli(
+    procs: list[ProxyProcess], cluster_url: URL, tmp_path: Path, workers: str
+) -> None:
+    """The real CLI (on uvloop when installed, as users run it): spliced bodies arrive whole,
+    one after another on one keep-alive connection, with a small answer in between."""
+    p = await spawn("--workers", workers, "--log-level", "debug", env=proxy_env(cluster_url),
+                    cwd=tmp_path)
+    procs.append(p)
+    base = URL((await p.wait_line(LISTEN)).group(1))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as client:
+        for extra in range(3):
+            size = 8 * MiB + extra
+            query = {"size": str(size), "length": "1"}
+            async with client.get((base / "download").with_query(query)) as resp:
+                assert await resp.read() == pattern(size, seed=0)
+            async with client.get(base / "api/x") as resp:
+                assert resp.status == 200
+    await until(lambda: sum(SPLICED in line for line in p.lines) == 3)
+    assert "Traceback" not in "".join(p.lines)

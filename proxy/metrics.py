@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from bisect import bisect_left
 from collections import deque
@@ -75,8 +76,8 @@ class RequestStats:
     """Counters the request middleware updates; read by the collector and the status page."""
 
     __slots__ = ("bytes_in", "bytes_out", "in_flight", "latency_buckets", "latency_sum",
-                 "processes", "recent_errors", "recent_latencies", "requests", "retried",
-                 "started")
+                 "pids", "processes", "recent_errors", "recent_latencies", "requests",
+                 "retried", "started")
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str], int] = {}  # (method, status class) -> count
@@ -90,6 +91,9 @@ class RequestStats:
         self.recent_errors: deque[UpstreamError] = deque(maxlen=RECENT_ERRORS)
         self.started = time.time()
         self.processes = 1  # worker processes whose figures these are
+        # Whose memory, CPU and descriptors the process_* metrics sum: this process, or the
+        # supervisor and every worker.
+        self.pids = [os.getpid()]
 
     def finish(self, request: web.Request, status: int,
                response: web.StreamResponse | None) -> None:
@@ -133,10 +137,12 @@ class RequestStats:
         """The figures of several worker processes as one (what a scrape should see)."""
         total = cls()
         total.processes = 0
+        total.pids = []
         latencies: list[float] = []
         errors: list[UpstreamError] = []
         for part in parts:
             total.processes += part.processes
+            total.pids += part.pids
             for key, count in part.requests.items():
                 total.requests[key] = total.requests.get(key, 0) + count
             total.in_flight += part.in_flight
@@ -259,6 +265,7 @@ class ProxyCollector(Collector):
             buckets=buckets, sum_value=stats.latency_sum,
         )
         yield from self._token_metrics()
+        yield from process_metrics(stats.pids)
 
     def _token_metrics(self) -> Iterator[Metric]:
         tokens = self.tokens
@@ -297,6 +304,33 @@ class ProxyCollector(Collector):
         )
 
 
+# How the process_* figures of several processes combine into one.
+_COMBINE: dict[str, Callable[[list[float]], float]] = {
+    "process_start_time_seconds": min, "process_max_fds": max,
+}
+
+
+def _constant(pid: int) -> Callable[[], int]:
+    return lambda: pid
+
+
+def process_metrics(pids: list[int]) -> Iterator[Metric]:
+    """Memory, CPU and open files, read from /proc at scrape time; summed over `pids` (the
+    supervisor and its workers), so the series stay those of one proxy whichever worker is
+    scraped."""
+    values: dict[str, list[float]] = {}
+    shapes: dict[str, Metric] = {}
+    for pid in pids:
+        for family in ProcessCollector(pid=_constant(pid), registry=None).collect():
+            shapes.setdefault(family.name, family)
+            for sample in family.samples:
+                values.setdefault(family.name, []).append(sample.value)
+    for name, family in shapes.items():
+        combined = _COMBINE.get(name, sum)(values[name])
+        kind = CounterMetricFamily if family.type == "counter" else GaugeMetricFamily
+        yield kind(name, family.documentation, value=combined)
+
+
 @dataclass(frozen=True, slots=True)
 class Metrics:
     """The application's registry, its collector and the request stats behind it."""
@@ -311,8 +345,6 @@ def make_metrics(cluster: str) -> Metrics:
     stats = RequestStats()
     collector = ProxyCollector(stats, cluster)
     registry.register(collector)
-    # Memory, CPU and open files of the process, read from /proc at scrape time.
-    ProcessCollector(registry=registry)
     return Metrics(registry, collector, stats)
 
 

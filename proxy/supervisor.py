@@ -363,7 +363,9 @@ class Supervisor:
 
     async def _all_stats(self) -> RequestStats:
         parts = await asyncio.gather(*(self._snapshot(p) for p in list(self.workers.values())))
-        return RequestStats.merged(p for p in parts if p is not None)
+        merged = RequestStats.merged(p for p in parts if p is not None)
+        merged.pids.append(os.getpid())  # the supervisor's memory and CPU count too
+        return merged
 
     @staticmethod
     async def _snapshot(process: WorkerProcess) -> RequestStats | None:

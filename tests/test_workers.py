@@ -156,6 +156,33 @@ async def test_metrics_and_status_count_every_worker(
             assert data["ready"] is True
 
 
+def _sample(text: str, name: str) -> float:
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert found is not None, f"{name} is missing"
+    return float(found.group(1))
+
+
+async def test_process_metrics_sum_the_supervisor_and_workers(
+    procs: list[ProxyProcess], cluster_url: URL, tmp_path: Path
+) -> None:
+    """process_* describe the whole proxy, whichever worker answers: memory and open files
+    summed over the supervisor and both workers."""
+    p, base = await _start(procs, cluster_url, tmp_path)
+    tree = [psutil.Process(p.proc.pid), *p.children()]
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True)
+    ) as client:
+        for _ in range(4):
+            async with client.get(base / "-/metrics") as resp:
+                text = await resp.text()
+            rss = _sample(text, "process_resident_memory_bytes")
+            fds = _sample(text, "process_open_fds")
+            expected_rss = sum(proc.memory_info().rss for proc in tree)
+            assert 0.8 * expected_rss < rss < 1.2 * expected_rss
+            assert fds >= sum(proc.num_fds() for proc in tree) - 10
+            assert rss > 2 * max(proc.memory_info().rss for proc in tree)
+
+
 async def test_sigterm_lets_every_worker_finish_its_requests(
     procs: list[ProxyProcess], cluster: FakeCluster, cluster_url: URL, tmp_path: Path
 ) -> None:

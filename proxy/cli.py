@@ -7,18 +7,17 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
+import socket
 import sys
 import urllib.request
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from yarl import URL
 
-from . import demo, eventloop, supervisor
+from . import demo, eventloop, listeners, supervisor
 from .app import TOKEN_FILE_WATCHER, TOKENS, make_app
 from .config import ConfigError, Secret, Settings, load
 from .connection import ProxyAppRunner
@@ -166,12 +165,15 @@ async def serve(settings: Settings) -> int:
     runner = ProxyAppRunner(app, header_timeout=settings.header_timeout, handle_signals=False,
                             shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
+    sockets: list[socket.socket] = []
     try:
         try:
-            urls = await _start_sites(runner, settings)
+            sockets, urls = listeners.bind(settings)
         except OSError as bind_error:
             log.error("%s", cannot_listen(settings, bind_error))
             return EXIT_CONFIG
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
         tokens = app[TOKENS]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -188,9 +190,7 @@ async def serve(settings: Settings) -> int:
         await runner.cleanup()
         if demo_runner is not None:
             await demo_runner.cleanup()
-        if settings.unix_socket is not None:
-            with contextlib.suppress(OSError):
-                settings.unix_socket.unlink()
+        listeners.close(sockets, settings)
 
 
 def _reload_token_file(app: web.Application) -> None:
@@ -200,29 +200,3 @@ def _reload_token_file(app: web.Application) -> None:
                  "(set SQUIRRO_TOKEN_FILE to rotate it without a restart)")
         return
     watcher.reload_now()
-
-
-async def _start_sites(runner: web.AppRunner, settings: Settings) -> list[str]:
-    urls = []
-    if settings.listen_tcp:
-        await web.TCPSite(runner, settings.host, settings.port, reuse_address=True).start()
-    for address in runner.addresses:
-        host, port = address[0], address[1]
-        shown = f"[{host}]" if ":" in host else host
-        urls.append(f"http://{shown}:{port}")
-    if settings.unix_socket is not None:
-        urls.append(f"unix:{await _start_unix_site(runner, settings.unix_socket)}")
-    return urls
-
-
-async def _start_unix_site(runner: web.AppRunner, path: Path) -> Path:
-    # Start-up only, before anything is served: a blocking stat is harmless here.
-    if path.is_socket():  # noqa: ASYNC240
-        path.unlink()  # noqa: ASYNC240 (left over from a previous run)
-    # Create the socket with mode 0600 from the start: chmod afterwards leaves a window.
-    old = os.umask(0o177)
-    try:
-        await web.UnixSite(runner, str(path)).start()
-    finally:
-        os.umask(old)
-    return path

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -39,6 +38,7 @@ from . import __version__, demo, eventloop, worker
 from .app import TOKEN_POOL_SIZE
 from .config import Secret, Settings
 from .link import Link, LinkClosed, RemoteFailure, encode
+from .listeners import bind, close
 from .metrics import RequestStats
 from .secret_watch import TokenFileWatcher
 from .startup import cannot_listen, serve_until_stopped
@@ -49,7 +49,6 @@ from .upstream import make_session
 log = logging.getLogger("squirro_proxy.supervisor")
 
 EXIT_CONFIG = 2
-BACKLOG = 1024
 STOP_SIGNALS = worker.STOP_SIGNALS
 # A worker asked for its figures answers within this, or the scrape goes on without them.
 SNAPSHOT_TIMEOUT = 2.0
@@ -91,7 +90,7 @@ class WorkerProcess:
 def serve(settings: Settings) -> int:
     """Bind, fork the workers, then supervise them; the exit code. Call with no event loop."""
     try:
-        listeners, urls = _bind(settings)
+        listeners, urls = bind(settings)
     except OSError as error:
         log.error("%s", cannot_listen(settings, error))
         return EXIT_CONFIG
@@ -115,62 +114,7 @@ def serve(settings: Settings) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         return 130
     finally:
-        close_listeners(listeners, settings)
-
-
-def close_listeners(listeners: Sequence[socket.socket], settings: Settings) -> None:
-    for sock in listeners:
-        sock.close()
-    if settings.unix_socket is not None:
-        with contextlib.suppress(OSError):
-            settings.unix_socket.unlink()
-
-
-def _bind(settings: Settings) -> tuple[list[socket.socket], list[str]]:
-    listeners: list[socket.socket] = []
-    urls: list[str] = []
-    try:
-        if settings.listen_tcp:
-            port = settings.port
-            infos = socket.getaddrinfo(settings.host, port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
-            for family, kind, proto, _, address in dict.fromkeys(infos):
-                sock = socket.socket(family, kind, proto)
-                listeners.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                if port == 0 and len(listeners) > 1:  # port 0: the same free port everywhere
-                    address = (address[0], listeners[0].getsockname()[1], *address[2:])
-                sock.bind(address)
-                sock.listen(BACKLOG)
-                host, bound = sock.getsockname()[:2]
-                urls.append(f"http://{f'[{host}]' if ':' in host else host}:{bound}")
-        if settings.unix_socket is not None:
-            listeners.append(_bind_unix(settings.unix_socket))
-            urls.append(f"unix:{settings.unix_socket}")
-    except OSError:
-        for sock in listeners:
-            sock.close()
-        raise
-    return listeners, urls
-
-
-def _bind_unix(path: Path) -> socket.socket:
-    if path.is_socket():
-        path.unlink()  # left over from a previous run
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # Created with mode 0600 from the start: chmod afterwards leaves a window.
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    except OSError:
-        sock.close()
-        raise
-    finally:
-        os.umask(old)
-    sock.listen(BACKLOG)
-    return sock
+        close(listeners, settings)
 
 
 def _fork(settings: Settings, listeners: Sequence[socket.socket], index: int,
@@ -334,7 +278,7 @@ class Supervisor:
         self._stopping.set()
         # New connections are refused from now on, as a single process would refuse them,
         # instead of waiting in a backlog nobody accepts from any more.
-        close_listeners(self.listeners, self.settings)
+        close(self.listeners, self.settings)
         for process in self.workers.values():
             process.signal(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.shutdown_grace + KILL_MARGIN

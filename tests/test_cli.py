@@ -203,6 +203,23 @@ async def test_port_in_use_is_a_clear_error(
     assert "Traceback" not in out
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_unix_socket_path_taken_by_a_file_is_left_alone(
+    cluster_url: URL, tmp_path: Path, workers: str
+) -> None:
+    """--unix-socket naming an ordinary file: exit 2 with the reason, and the file survives."""
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me")
+    env = proxy_env(cluster_url)
+    del env["SQUIRRO_PROXY_PORT"]
+    p = await spawn("--unix-socket", str(path), "--workers", workers, env=env, cwd=tmp_path)
+    code, out = await p.finish()
+    assert code == 2
+    assert f"cannot listen on {path}" in out
+    assert "Traceback" not in out
+    assert path.read_text() == "keep me"
+
+
 async def test_demo_on_a_unix_socket_suggests_working_commands(
     procs: list[ProxyProcess], tmp_path: Path
 ) -> None:

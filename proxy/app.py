@@ -59,12 +59,7 @@ async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
         app[UPSTREAM] = Upstream(settings, app[SESSION], app[WS_SESSION], shared, base)
         yield
         return
-    assert settings.token is not None, "config.load guarantees a token outside demo mode"
-    tokens = TokenManager(
-        app[TOKEN_SESSION], settings.cluster, settings.token,
-        default_lifetime=settings.token_lifetime, client_id=settings.client_id,
-        client_secret=settings.client_secret, tenant=settings.tenant,
-    )
+    tokens = TokenManager.for_settings(app[TOKEN_SESSION], settings)
     app[TOKENS] = tokens
     app[UPSTREAM] = Upstream(settings, app[SESSION], app[WS_SESSION], tokens, base)
     tokens.start()

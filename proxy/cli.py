@@ -22,6 +22,7 @@ from .app import TOKEN_FILE_WATCHER, TOKENS, make_app
 from .config import ConfigError, Secret, Settings, load
 from .connection import ProxyAppRunner
 from .logs import configure
+from .secret_watch import reload_token_file
 from .startup import (
     EXIT_OK,
     EXIT_TOKEN_REJECTED,
@@ -74,12 +75,7 @@ async def check(settings: Settings) -> int:
     settings, demo_runner = await _with_demo(settings)
     session = make_session(settings)
     try:
-        assert settings.token is not None
-        tokens = TokenManager(
-            session, settings.cluster, settings.token,
-            default_lifetime=settings.token_lifetime, client_id=settings.client_id,
-            client_secret=settings.client_secret, tenant=settings.tenant,
-        )
+        tokens = TokenManager.for_settings(session, settings)
         try:
             token = await tokens.exchange_once()
         except TokenError as exc:
@@ -180,7 +176,7 @@ async def serve(settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         # SIGHUP re-reads the token file (a rotated secret) instead of ending the process.
-        loop.add_signal_handler(signal.SIGHUP, _reload_token_file, app)
+        loop.add_signal_handler(signal.SIGHUP, reload_token_file, app.get(TOKEN_FILE_WATCHER))
 
         return await serve_until_stopped(settings, tokens, urls, stop)
     finally:
@@ -193,10 +189,3 @@ async def serve(settings: Settings) -> int:
         listeners.close(sockets, settings)
 
 
-def _reload_token_file(app: web.Application) -> None:
-    watcher = app.get(TOKEN_FILE_WATCHER)
-    if watcher is None:
-        log.info("SIGHUP: nothing to re-read: the refresh token did not come from a file "
-                 "(set SQUIRRO_TOKEN_FILE to rotate it without a restart)")
-        return
-    watcher.reload_now()

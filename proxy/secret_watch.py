@@ -141,3 +141,11 @@ class TokenFileWatcher:
             log.warning("the token file %s changed but %s; still using the previous token",
                         self.path, problem)
 
+
+def reload_token_file(watcher: TokenFileWatcher | None) -> None:
+    """SIGHUP: re-read the token file now, or say why there is nothing to re-read."""
+    if watcher is None:
+        log.info("SIGHUP: nothing to re-read: the refresh token did not come from a file "
+                 "(set SQUIRRO_TOKEN_FILE to rotate it without a restart)")
+        return
+    watcher.reload_now()

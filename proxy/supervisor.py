@@ -40,7 +40,7 @@ from .config import Secret, Settings
 from .link import Link, LinkClosed, RemoteFailure, encode
 from .listeners import bind, close
 from .metrics import RequestStats
-from .secret_watch import TokenFileWatcher
+from .secret_watch import TokenFileWatcher, reload_token_file
 from .startup import cannot_listen, serve_until_stopped
 from .token_mirror import answer, state_of
 from .tokens import TokenManager
@@ -158,16 +158,11 @@ class Supervisor:
             demo_runner, url = await demo.start_demo_cluster(sock=self.demo_sock)
             log.info("demo mode: a simulated Squirro cluster listens on %s", url)
         session = make_session(settings, pool_size=TOKEN_POOL_SIZE)
-        assert settings.token is not None, "config.load guarantees a token outside demo mode"
-        tokens = self.tokens = TokenManager(
-            session, settings.cluster, settings.token,
-            default_lifetime=settings.token_lifetime, client_id=settings.client_id,
-            client_secret=settings.client_secret, tenant=settings.tenant,
-        )
+        tokens = self.tokens = TokenManager.for_settings(session, settings)
         tokens.on_change.append(self._push_state)
         tokens.start()
         watcher: TokenFileWatcher | None = None
-        if settings.token_file is not None:
+        if settings.token_file is not None and settings.token is not None:
             watcher = TokenFileWatcher(settings.token_file, tokens, settings.token)
             watcher.start()
         loop = asyncio.get_running_loop()
@@ -182,7 +177,7 @@ class Supervisor:
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, on_stop_signal)
-            loop.add_signal_handler(signal.SIGHUP, self._reload_token_file, watcher)
+            loop.add_signal_handler(signal.SIGHUP, reload_token_file, watcher)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             for process in self.workers.values():
                 await self._attach(process)
@@ -330,11 +325,4 @@ class Supervisor:
                 with contextlib.suppress(LinkClosed, RuntimeError):
                     process.link.note("state", state)
 
-    @staticmethod
-    def _reload_token_file(watcher: TokenFileWatcher | None) -> None:
-        if watcher is None:
-            log.info("SIGHUP: nothing to re-read: the refresh token did not come from a file "
-                     "(set SQUIRRO_TOKEN_FILE to rotate it without a restart)")
-            return
-        watcher.reload_now()
 

@@ -19,7 +19,7 @@ from typing import Protocol
 import aiohttp
 from yarl import URL
 
-from .config import Secret
+from .config import Secret, Settings
 from .redact import REDACTOR
 from .tasks import cancel_and_wait
 
@@ -179,6 +179,16 @@ class TokenManager:
         # Called once the state (token, failure, counts) settled after a change: the
         # supervisor pushes it to the worker processes.
         self.on_change: list[Callable[[], None]] = []
+
+    @classmethod
+    def for_settings(cls, session: aiohttp.ClientSession, settings: Settings) -> TokenManager:
+        """The manager the settings describe: their cluster, refresh token and OAuth extras."""
+        assert settings.token is not None, "config.load guarantees a token outside demo mode"
+        return cls(
+            session, settings.cluster, settings.token,
+            default_lifetime=settings.token_lifetime, client_id=settings.client_id,
+            client_secret=settings.client_secret, tenant=settings.tenant,
+        )
 
     # --- what the proxy asks ---------------------------------------------------------------
 

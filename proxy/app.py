@@ -16,19 +16,21 @@ from .config import Settings
 from .forward import UPSTREAM, Upstream, ensure_request_id, forward
 from .guard import defer_expect
 from .guard import install as install_guard
+from .http1 import ClusterPool, pool_ssl
 from .logs import AccessLogger
 from .metrics import METRICS, STATS_VIEW, RequestStats, StatsView, make_metrics, stats_middleware
 from .ops import add_routes as add_ops_routes
 from .routing import CatchAll
 from .secret_watch import TokenFileWatcher
 from .tokens import TokenManager, TokenSource
-from .upstream import make_session, refuse_redirects
+from .upstream import corporate_proxy, make_session, refuse_redirects
 from .websocket import close_websockets
 
 SETTINGS = web.AppKey("settings", Settings)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 WS_SESSION = web.AppKey("ws_session", aiohttp.ClientSession)
 TOKEN_SESSION = web.AppKey("token_session", aiohttp.ClientSession)
+POOL = web.AppKey("pool", ClusterPool)
 TOKEN_POOL_SIZE = 2
 TOKENS = web.AppKey("tokens", TokenManager)
 KEEPALIVE_TIMEOUT = 75.0
@@ -45,7 +47,17 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[WS_SESSION] = make_session(settings, middlewares=(refuse_redirects,))
     if SHARED_TOKENS not in app:
         app[TOKEN_SESSION] = make_session(settings, pool_size=TOKEN_POOL_SIZE)
+    if corporate_proxy(settings) is None:
+        # Forwarded requests take the lean client (http1.py); through a corporate proxy, the
+        # aiohttp session, which speaks CONNECT.
+        app[POOL] = ClusterPool(
+            settings.cluster, limit=settings.pool_size, connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            ssl_context=pool_ssl(settings.insecure, settings.ca_bundle, settings.cluster.scheme),
+        )
     yield
+    if POOL in app:
+        app[POOL].close()
     for key in (TOKEN_SESSION, WS_SESSION, SESSION):
         if key in app:
             await app[key].close()
@@ -56,12 +68,14 @@ async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
     base = str(settings.cluster).rstrip("/")
     shared = app.get(SHARED_TOKENS)
     if shared is not None:  # a worker process: the supervisor owns the life cycle
-        app[UPSTREAM] = Upstream(settings, app[SESSION], app[WS_SESSION], shared, base)
+        app[UPSTREAM] = Upstream(settings, app[SESSION], app[WS_SESSION], shared, base,
+                                 app.get(POOL))
         yield
         return
     tokens = TokenManager.for_settings(app[TOKEN_SESSION], settings)
     app[TOKENS] = tokens
-    app[UPSTREAM] = Upstream(settings, app[SESSION], app[WS_SESSION], tokens, base)
+    app[UPSTREAM] = Upstream(settings, app[SESSION], app[WS_SESSION], tokens, base,
+                             app.get(POOL))
     tokens.start()
     yield
     await tokens.stop()

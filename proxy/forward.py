@@ -22,6 +22,7 @@ from yarl import URL
 from .config import Settings
 from .errors import proxy_error
 from .headers import client_response_headers, upstream_request_headers
+from .http1 import CannotConnect, CertificateUntrusted, ClusterAnswer, ClusterPool, InvalidAnswer
 from .redact import mask_query
 from .splice import Splicer, can_splice
 from .tokens import TokenError, TokenSource, tls_untrusted_reason
@@ -42,10 +43,16 @@ class Upstream:
     """What the handler needs, built once at start-up."""
 
     settings: Settings
-    session: aiohttp.ClientSession
+    session: aiohttp.ClientSession  # forwards only through a corporate proxy (pool is None)
     ws_session: aiohttp.ClientSession  # WebSocket handshakes: own pool, redirects refused
     tokens: TokenSource
     base: str  # scheme://host[:port]/prefix, without a trailing slash
+    pool: ClusterPool | None  # forwards every request when the cluster is reached directly
+
+    @property
+    def prefix(self) -> str:
+        """The cluster URL's path, without a trailing slash: put before every target."""
+        return self.settings.cluster.raw_path.rstrip("/")
 
 
 UPSTREAM = web.AppKey("upstream", Upstream)
@@ -150,21 +157,21 @@ async def forward(request: web.Request) -> web.StreamResponse:
         # Defence in depth (guard.py refuses these first): the target must never be able to
         # change the authority of the upstream URL.
         return proxy_error(400, "bad_request_target", "the request target must be a path")
-    url = URL(up.base + raw, encoded=True)
     rid = request_id(request)
     if hdrs.UPGRADE in request.headers:
         # Imported here because websocket.py builds on this module.
         from .websocket import proxy_websocket, wants_websocket
 
         if wants_websocket(request):
-            return await proxy_websocket(request, up, url, rid)
+            return await proxy_websocket(request, up, URL(up.base + raw, encoded=True), rid)
 
     tee: BodyTee | None = None
+    body: AsyncIterator[bytes] | None
     if request.body_exists:
         length = request.content_length
         if length is None or length <= up.settings.retry_body_limit:
             tee = BodyTee(request.content, up.settings.retry_body_limit)
-            body: object = tee.first()
+            body = tee.first()
         else:
             body = _stream(request.content, request)
     else:
@@ -177,7 +184,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
 
     started = time.monotonic()
     try:
-        resp = await _send(up, request, url, token.value, body, rid)
+        resp = await _send(up, request, raw, token.value, body, rid)
         if resp.status == 401:
             if body is None or (tee is not None and not tee.overflow):
                 resp.release()
@@ -188,19 +195,19 @@ async def forward(request: web.Request) -> web.StreamResponse:
                 request[RETRIED] = True
                 body = tee.replay() if tee is not None else None
                 started = time.monotonic()
-                resp = await _send(up, request, url, token.value, body, rid)
+                resp = await _send(up, request, raw, token.value, body, rid)
             else:
                 # The streamed body is gone and cannot be sent again: the client gets the 401,
                 # but only after the refresh, so that its next attempt carries the new token.
                 with contextlib.suppress(TokenError):
                     await up.tokens.refresh_after_401(token)
     except (TimeoutError, aiohttp.ClientError) as exc:
-        return upstream_failure(exc, url, up.settings)
+        return upstream_failure(exc, URL(up.base + raw, encoded=True), up.settings)
     request[UPSTREAM_LATENCY] = latency = time.monotonic() - started
     if tee is not None:
         request[BYTES_IN] = tee.size
     if log.isEnabledFor(logging.DEBUG):
-        _debug_exchange(request, url, resp, latency)
+        _debug_exchange(request, URL(up.base + raw, encoded=True), resp, latency)
 
     try:
         out = await _relay(up, request, resp, rid)
@@ -212,7 +219,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
 
 
 def _debug_exchange(
-    request: web.Request, url: URL, resp: aiohttp.ClientResponse, latency: float
+    request: web.Request, url: URL, resp: ClusterAnswer, latency: float
 ) -> None:
     """--log-level debug: what went up and came back. Header names only: values may hold
     credentials (Authorization, Cookie) and are never logged."""
@@ -243,13 +250,18 @@ def upstream_failure(
             504, "cluster_timeout",
             f"the cluster did not answer within {settings.read_timeout:g} s (--read-timeout)",
         )
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, CertificateUntrusted)):
         return proxy_error(502, "cluster_tls_untrusted", tls_untrusted_reason(exc))
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, (aiohttp.ClientConnectorError, CannotConnect)):
         return proxy_error(
             502, "cluster_unreachable",
             f"cannot connect to the cluster at {url.host}:{url.port}: "
             f"{exc.os_error.strerror or exc.os_error.__class__.__name__}",
+        )
+    if isinstance(exc, InvalidAnswer):
+        return proxy_error(
+            502, "cluster_invalid_response",
+            f"the cluster's answer was not valid HTTP/1.1: {exc}",
         )
     return proxy_error(
         502, "cluster_connection_failed",
@@ -258,19 +270,23 @@ def upstream_failure(
 
 
 async def _send(
-    up: Upstream, request: web.Request, url: URL, bearer: str, body: object, rid: str
-) -> aiohttp.ClientResponse:
+    up: Upstream, request: web.Request, raw: str, bearer: str,
+    body: AsyncIterator[bytes] | None, rid: str,
+) -> ClusterAnswer:
     headers = upstream_request_headers(
         request.headers, bearer, forward_cookies=up.settings.forward_cookies,
         extra=((REQUEST_ID, rid),),
     )
+    if up.pool is not None:
+        return await up.pool.request(request.method, up.prefix + raw, headers, body)
     return await up.session.request(
-        request.method, url, headers=headers, data=body, allow_redirects=False,
+        request.method, URL(up.base + raw, encoded=True), headers=headers, data=body,
+        allow_redirects=False,
     )
 
 
 async def _relay(
-    up: Upstream, request: web.Request, resp: aiohttp.ClientResponse, rid: str
+    up: Upstream, request: web.Request, resp: ClusterAnswer, rid: str
 ) -> web.StreamResponse:
     headers = client_response_headers(
         resp.headers, cluster=up.settings.cluster, proxy_base=f"{request.scheme}://{request.host}",
@@ -335,13 +351,13 @@ async def _relay(
         request[BYTES_OUT] = sent + (splicer.moved if splicer is not None else 0)
 
 
-def length_left(resp: aiohttp.ClientResponse, sent: int) -> int:
+def length_left(resp: ClusterAnswer, sent: int) -> int:
     assert resp.content_length is not None
     return resp.content_length - sent
 
 
 def _start_splice(
-    up: Upstream, request: web.Request, resp: aiohttp.ClientResponse
+    up: Upstream, request: web.Request, resp: ClusterAnswer
 ) -> tuple[Splicer | None, bytes]:
     """Stop aiohttp reading the cluster and take what it already read; a Splicer for the rest
     of the body, or None (out of descriptors) to let aiohttp relay it after all."""
@@ -375,7 +391,7 @@ def _cluster_broke_off(request: web.Request, out: web.StreamResponse, exc: BaseE
 
 
 def _client_gone(
-    request: web.Request, resp: aiohttp.ClientResponse, out: web.StreamResponse
+    request: web.Request, resp: ClusterAnswer, out: web.StreamResponse
 ) -> web.StreamResponse:
     log.debug("the client went away during %s %s", request.method, request.path)
     resp.close()

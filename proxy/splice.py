@@ -22,6 +22,8 @@ import socket
 import aiohttp
 from aiohttp import web
 
+from .http1 import ClusterAnswer
+
 # Below this, setting up a pipe and two descriptors costs more than the copies it saves.
 SPLICE_MIN = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
@@ -39,7 +41,7 @@ def _plain_socket(transport: asyncio.BaseTransport | None) -> socket.socket | No
     return sock if sock is not None and sock.type == socket.SOCK_STREAM else None
 
 
-def can_splice(request: web.Request, resp: aiohttp.ClientResponse) -> bool:
+def can_splice(request: web.Request, resp: ClusterAnswer) -> bool:
     """Whether this response's body may bypass the process."""
     length = resp.content_length
     if not AVAILABLE or length is None or length < SPLICE_MIN or request.method == "HEAD" \

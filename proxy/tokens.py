@@ -20,12 +20,15 @@ import aiohttp
 from yarl import URL
 
 from .config import Secret, Settings
+from .http1 import CertificateUntrusted
 from .redact import REDACTOR
 from .tasks import cancel_and_wait
 
 log = logging.getLogger("squirro_proxy.tokens")
 
 TOKEN_PATH = "/api/user/oauth2/token"  # noqa: S105 (a path, not a secret)
+# What an access token may hold: visible ASCII (RFC 6750's b64token is a subset of it).
+_HEADER_SAFE = frozenset(chr(code) for code in range(0x21, 0x7F))
 # Refresh when this share of the lifetime has passed; the jitter keeps many proxies started
 # together from refreshing in lockstep.
 REFRESH_FRACTION = 0.8
@@ -447,6 +450,12 @@ class TokenManager:
                 or not body["access_token"]:
             raise TokenUnavailable("the token endpoint's answer has no access_token", 200)
         value: str = body["access_token"]
+        if not _HEADER_SAFE.issuperset(value):
+            # It goes into a header line as it is (http1.py): a line break would let the token
+            # endpoint add headers of its own to every request.
+            raise TokenUnavailable(
+                "the token endpoint's access_token has characters a header cannot carry "
+                "(only visible ASCII can be sent)", 200)
         REDACTOR.add(value)
         rotated = body.get("refresh_token")
         if isinstance(rotated, str) and rotated and rotated != self._refresh_token.reveal():
@@ -484,7 +493,9 @@ def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def tls_untrusted_reason(exc: aiohttp.ClientConnectorCertificateError) -> str:
+def tls_untrusted_reason(
+    exc: aiohttp.ClientConnectorCertificateError | CertificateUntrusted,
+) -> str:
     """Why the cluster's certificate was refused, and the setting that fixes a private CA."""
     error = exc.certificate_error
     why = getattr(error, "verify_message", None) or str(error)

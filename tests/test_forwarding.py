@@ -17,7 +17,7 @@ from yarl import URL
 
 from tests.conftest import Running, StartProxy
 from tests.fakes import FakeCluster
-from tests.helpers import closed_port, raw_exchange
+from tests.helpers import raw_exchange
 
 ERROR_HEADER = "X-Squirro-Proxy-Error"
 
@@ -354,12 +354,12 @@ async def test_cluster_down_after_start_gives_502(
     start_proxy: StartProxy, cluster: FakeCluster, client: aiohttp.ClientSession
 ) -> None:
     """When the cluster stops answering on its port, requests get a 502 JSON error."""
-    proxy = await start_proxy()
-    # Point the running proxy at a dead port: a cluster that went away.
-    from proxy.forward import UPSTREAM
-
-    up = proxy.app[UPSTREAM]
-    object.__setattr__(up, "base", f"http://127.0.0.1:{closed_port()}")
+    server = TestServer(cluster.app(), host="127.0.0.1")
+    await server.start_server()
+    proxy = await start_proxy(cluster=URL(f"http://127.0.0.1:{server.port}"))
+    async with client.get(proxy.url / "api/x") as resp:
+        assert resp.status == 200
+    await server.close()  # the cluster goes away, its pooled connection with it
     async with client.get(proxy.url / "api/x") as resp:
         assert resp.status == 502
         assert resp.headers[ERROR_HEADER] == "cluster_unreachable"

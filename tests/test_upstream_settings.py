@@ -102,10 +102,14 @@ async def test_untrusted_certificate_on_forwarding_path_says_so(
 ) -> None:
     """A certificate refused while forwarding gives 502 cluster_tls_untrusted naming --ca-bundle."""
     from proxy.forward import UPSTREAM
+    from proxy.http1 import ClusterPool, pool_ssl
 
     proxy = await start_proxy()  # token from the plain-http fake
     # The cluster now answers over TLS with a certificate of an unknown CA.
-    object.__setattr__(proxy.app[UPSTREAM], "base", str(tls_cluster_url))
+    up = proxy.app[UPSTREAM]
+    object.__setattr__(up, "pool", ClusterPool(
+        tls_cluster_url, limit=2, connect_timeout=5, read_timeout=5,
+        ssl_context=pool_ssl(False, None, "https")))
     async with client.get(proxy.url / "api/x") as resp:
         assert resp.status == 502
         assert resp.headers[ERROR_HEADER] == "cluster_tls_untrusted"

@@ -1,0 +1,620 @@
+"""Forwarded requests' HTTP/1.1 client: a pool of keep-alive connections to the cluster.
+
+Why not aiohttp's client, which forwarded every request before: per small request it spent about
+half of the proxy's CPU (py-spy, 2026-11-29: `ClientSession._request` and its callees 41%, its
+response handler 8%) on cookies, redirects, tracing, default headers, URL joining and a read
+timer rescheduled on every packet, none of which forwarding needs. This client writes the head
+that headers.py built, parses the answer with httptools (llhttp, the parser uvicorn uses),
+streams the body back with backpressure and keeps connections alive.
+
+aiohttp's session still serves what this one leaves out: WebSocket handshakes, the token exchange,
+and clusters reached through a corporate proxy (HTTPS_PROXY / HTTP_PROXY).
+
+Failures are raised as aiohttp's exceptions (or subclasses of them), so that forward.py answers
+both clients' failures the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, cast
+
+import aiohttp
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+# Limits on the cluster's answer head, as the aiohttp session had them (max_field_size): a
+# broken or hostile cluster cannot make the proxy buffer without end.
+MAX_FIELD = 65536
+MAX_HEAD = 256 * 1024
+MAX_HEADERS = 256
+# Body bytes buffered while the client is slower than the cluster; above HIGH the proxy stops
+# reading from the cluster until the client has taken them.
+HIGH_WATER = 256 * 1024
+# A connection idle in the pool longer than this is closed rather than reused: the cluster's
+# server may be closing it at the same moment (nginx's default keep-alive is 75 s).
+IDLE_REUSE = 15.0
+# Methods whose requests may be sent again on a fresh connection when a pooled one turns out to
+# have been closed by the cluster before it read anything (RFC 9110 section 9.2.2).
+IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
+# aiohttp sends `Content-Length: 0` for a body-less request of any other method; so do we.
+_NO_BODY_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE"))
+
+
+class CannotConnect(aiohttp.ClientConnectionError):
+    """No connection to the cluster (refused, unreachable, name not found)."""
+
+    def __init__(self, host: str, port: int, os_error: OSError) -> None:
+        super().__init__(f"cannot connect to {host}:{port}: {os_error}")
+        self.host, self.port, self.os_error = host, port, os_error
+
+
+class CertificateUntrusted(aiohttp.ClientConnectionError):
+    """The cluster's TLS certificate failed verification."""
+
+    def __init__(self, host: str, port: int, error: ssl.SSLCertVerificationError) -> None:
+        super().__init__(f"the TLS certificate of {host}:{port} is not trusted")
+        self.host, self.port, self.certificate_error = host, port, error
+
+
+class InvalidAnswer(aiohttp.ClientError):
+    """The cluster's answer was not HTTP/1.1 the proxy can relay."""
+
+
+class _HeadOnly(Exception):
+    """Raised from the parser's callback to stop at the end of the head of an answer to HEAD,
+    whose length headers describe a body that is never sent (llhttp cannot be told)."""
+
+
+class ClusterAnswer(Protocol):
+    """What forward.py and splice.py read of an answer: this module's Answer, or aiohttp's
+    ClientResponse where the aiohttp session forwards (through a corporate proxy)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def content_length(self) -> int | None: ...
+    @property
+    def content(self) -> BodyReader: ...
+    @property
+    def connection(self) -> Any: ...  # `transport`, and `protocol.pause_reading()`
+    def release(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+class BodyReader(Protocol):
+    async def readany(self) -> bytes: ...
+    def read_nowait(self, n: int = -1) -> bytes: ...
+
+
+class _Stale(aiohttp.ServerDisconnectedError):
+    """A pooled connection was closed before the cluster sent a byte: safe to send again."""
+
+
+class Answer:
+    """The cluster's answer, read as forward.py reads aiohttp's ClientResponse."""
+
+    __slots__ = ("_conn", "content_length", "headers", "reason", "status")
+
+    def __init__(self, conn: _Connection, status: int, reason: str,
+                 headers: CIMultiDictProxy[str], content_length: int | None) -> None:
+        self._conn = conn
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content_length = content_length
+
+    @property
+    def content(self) -> _Connection:
+        return self._conn
+
+    @property
+    def connection(self) -> _Connection:
+        """Has `transport` and `protocol.pause_reading()`, as splice.py needs."""
+        return self._conn
+
+    def release(self) -> None:
+        """Done with the answer: its connection goes back to the pool if the body was read to
+        the end, and is closed otherwise."""
+        self._conn.finish(reuse=True)
+
+    def close(self) -> None:
+        self._conn.finish(reuse=False)
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to the cluster: writes a request, parses its answer, hands out the body."""
+
+    def __init__(self, pool: ClusterPool) -> None:
+        self._pool = pool
+        self._loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.protocol = self  # splice.py pauses reading through `connection.protocol`
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self._in_use = False
+        self._parser: httptools.HttpResponseParser | None = None
+        self._method = ""
+        self._answer: asyncio.Future[Answer] | None = None
+        self._status_line = b""
+        self._fields: list[tuple[str, str]] = []
+        self._head_size = 0
+        self._head_done = False
+        self._interim = False
+        self._until_eof = False
+        self._got_bytes = False
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._complete = False
+        self._keep_alive = False
+        self._exc: BaseException | None = None
+        self._reader: asyncio.Future[None] | None = None
+        self._paused_for_buffer = False
+        self._paused_for_good = False
+        self._write_paused = False
+        self._drainer: asyncio.Future[None] | None = None
+        self._body_task: asyncio.Task[None] | None = None
+        self._body_sent = True
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A cast, not an isinstance check: uvloop's transports are no asyncio subclasses.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or self._complete:
+            # Bytes nobody asked for (after an answer, or on an idle connection): whatever
+            # follows on this connection cannot be trusted to start a new answer.
+            self._drop()
+            return
+        self._got_bytes = True
+        self._last_read = self._loop.time()
+        if not self._head_done:
+            self._head_size += len(data)
+            if self._head_size > MAX_HEAD:
+                self._fail(InvalidAnswer(f"its head is larger than {MAX_HEAD // 1024} KiB"))
+                return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(InvalidAnswer("it switched protocols without being asked to"))
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _HeadOnly):
+                return
+            if isinstance(cause, InvalidAnswer):
+                self._fail(cause)
+            else:
+                self._fail(InvalidAnswer(str(exc) or exc.__class__.__name__))
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: a half-closed cluster connection is no use
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool.forget(self)
+        self._stop_timer()
+        if self._parser is not None and not self._complete and self._exc is None:
+            error: aiohttp.ClientError | None = None
+            if self._head_done and self._until_eof and exc is None:
+                self._complete = True  # the body of unknown length ends with the connection
+            elif self._head_done:
+                error = aiohttp.ClientPayloadError(
+                    "the cluster closed the connection before the end of the body")
+            elif self.reused and not self._got_bytes:
+                error = _Stale("the cluster closed a pooled connection")
+            else:
+                error = aiohttp.ServerDisconnectedError(
+                    "the cluster closed the connection before it answered")
+            self._exc = error
+            if error is not None and self._answer is not None and not self._answer.done():
+                self._answer.set_exception(error)
+        self._wake_reader()
+        drainer = self._drainer
+        if drainer is not None and not drainer.done():
+            drainer.set_exception(ConnectionResetError("the cluster closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drainer = self._drainer
+        if drainer is not None and not drainer.done():
+            drainer.set_result(None)
+
+    # --- httptools callbacks --------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._status_line = b""
+        self._fields = []
+
+    def on_status(self, status: bytes) -> None:
+        self._status_line += status  # llhttp may hand it over in pieces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > MAX_FIELD:
+            raise InvalidAnswer(f"a header field is larger than {MAX_FIELD // 1024} KiB")
+        if len(self._fields) >= MAX_HEADERS:
+            raise InvalidAnswer(f"it has more than {MAX_HEADERS} header fields")
+        # As aiohttp decodes them: bytes that are no UTF-8 survive the way back unchanged.
+        self._fields.append((name.decode("utf-8", "surrogateescape"),
+                             value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._interim = True  # 100 Continue, 103 Early Hints: the answer is still to come
+            return
+        headers = CIMultiDictProxy(CIMultiDict(self._fields))
+        length = headers.get("Content-Length")
+        chunked = "Transfer-Encoding" in headers
+        # llhttp has checked the value is digits, and refused it next to Transfer-Encoding.
+        content_length = int(length) if length is not None and not chunked else None
+        no_body = self._method == "HEAD" or status in (204, 304)
+        self._until_eof = not no_body and content_length is None and not chunked
+        self._head_done = True
+        answer = Answer(self, status, self._status_line.decode("utf-8", "surrogateescape"),
+                        headers, content_length)
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(answer)
+        self._start_timer()  # also when the cluster answers before it has read the whole body
+        if self._method == "HEAD":
+            self._complete = True
+            self._keep_alive = False  # where the head ended in this read is unknown: close
+            self._parser = None
+            raise _HeadOnly
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        self._wake_reader()
+        if self._buffered > HIGH_WATER and not self._paused_for_buffer:
+            self._paused_for_buffer = True
+            self._stop_timer()  # the cluster is not idle: the client is slow
+            if self.transport is not None and not self._paused_for_good:
+                self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        assert self._parser is not None
+        self._complete = True
+        self._keep_alive = self._parser.should_keep_alive()
+        self._stop_timer()
+        self._wake_reader()
+
+    # --- the body, for forward.py and splice.py ---------------------------------------------------
+
+    async def readany(self) -> bytes:
+        """The body bytes buffered so far, waiting for some if none are; b"" at the end."""
+        while not self._chunks:
+            if self._exc is not None:
+                raise self._exc
+            if self._complete:
+                return b""
+            self._reader = self._loop.create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        return self.read_nowait()
+
+    def read_nowait(self, n: int = -1) -> bytes:
+        """What is buffered, without waiting (`n` is ignored: all of it)."""
+        chunks = self._chunks
+        if not chunks:
+            if self._exc is not None:
+                raise self._exc
+            return b""
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._paused_for_buffer:
+            self._paused_for_buffer = False
+            if not self._paused_for_good and self.transport is not None and not self.closed:
+                self._last_read = self._loop.time()
+                self.transport.resume_reading()
+                self._start_timer()
+        return data
+
+    def pause_reading(self) -> None:
+        """Stop reading for good (splice.py takes the socket over) and stop the read timer."""
+        self._paused_for_good = True
+        self._stop_timer()
+        if self.transport is not None and not self._paused_for_buffer:
+            self.transport.pause_reading()
+
+    # --- one exchange ---------------------------------------------------------------------------
+
+    async def exchange(self, method: str, head: bytes,
+                       body: AsyncIterator[bytes] | None, chunked: bool) -> Answer:
+        assert self.transport is not None and self._parser is None
+        self._method = method
+        self._parser = httptools.HttpResponseParser(self)
+        answer: asyncio.Future[Answer] = self._loop.create_future()
+        self._answer = answer
+        self._head_size = 0
+        self._head_done = self._interim = self._until_eof = self._got_bytes = False
+        self._complete = self._keep_alive = False
+        self._exc = None
+        self._chunks.clear()
+        self._buffered = 0
+        self._in_use = True
+        self.transport.write(head)
+        if body is None:
+            self._body_sent = True
+            self._last_read = self._loop.time()
+            self._start_timer()
+        else:
+            self._body_sent = False
+            self._body_task = self._loop.create_task(self._send_body(body, chunked))
+        return await answer
+
+    async def _send_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+        transport = self.transport
+        assert transport is not None
+        try:
+            async for chunk in body:
+                if self.closed:
+                    return
+                if chunked:
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    transport.write(chunk)
+                if self._write_paused:
+                    self._drainer = self._loop.create_future()
+                    try:
+                        await self._drainer
+                    finally:
+                        self._drainer = None
+            if chunked and not self.closed:
+                transport.write(b"0\r\n\r\n")
+        except ConnectionError:
+            return  # the cluster went away: connection_lost has told the answer
+        except aiohttp.ClientPayloadError as exc:
+            # The client's body broke off; the cluster must not take what it got as complete.
+            self._fail(aiohttp.ClientPayloadError(f"the request body broke off: {exc}"))
+            return
+        self._body_sent = True
+        if not self._complete and not self.closed:
+            # Only now is the cluster's silence the cluster's: until here it waited for us.
+            self._last_read = self._loop.time()
+            self._start_timer()
+
+    def finish(self, *, reuse: bool) -> None:
+        """Done with the current exchange: back into the pool, or closed."""
+        if not self._in_use:
+            return
+        self._in_use = False
+        task, self._body_task = self._body_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            reuse = False
+        self._stop_timer()
+        reusable = (reuse and self._complete and self._keep_alive and self._body_sent
+                    and not self.closed and not self._paused_for_good and not self._chunks)
+        self._parser = None
+        self._answer = None
+        if reusable:
+            self.reused = True
+            self.idle_since = self._loop.time()
+        else:
+            self._drop()
+        self._pool.release(self, reusable)
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> None:
+        """The exchange cannot go on: tell whoever waits, and drop the connection."""
+        if self._exc is None:
+            self._exc = exc
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(exc)
+        self._wake_reader()
+        self._drop()
+
+    def _drop(self) -> None:
+        self._stop_timer()
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def _wake_reader(self) -> None:
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
+
+    def _start_timer(self) -> None:
+        if self._timer is None and not self._complete:
+            self._timer = self._loop.call_at(self._last_read + self._pool.read_timeout,
+                                             self._check_idle)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check_idle(self) -> None:
+        # Re-armed lazily, from the last read, rather than rescheduled on every packet.
+        self._timer = None
+        if self._complete or self._paused_for_buffer or self._paused_for_good or self.closed:
+            return
+        deadline = self._last_read + self._pool.read_timeout
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._check_idle)
+            return
+        self._fail(aiohttp.SocketTimeoutError(
+            f"the cluster sent nothing for {self._pool.read_timeout:g} s"))
+
+
+class ClusterPool:
+    """At most `limit` connections to the cluster in use at once; idle ones kept for reuse.
+
+    A request that finds every connection busy waits for one, within `connect_timeout` (which
+    also bounds the connection itself), then fails with aiohttp's ConnectionTimeoutError.
+    """
+
+    def __init__(self, cluster: URL, *, limit: int, connect_timeout: float,
+                 read_timeout: float, ssl_context: ssl.SSLContext | None) -> None:
+        self.loop = asyncio.get_running_loop()
+        assert cluster.host is not None
+        self.host = cluster.host
+        self.port = cluster.port or (443 if cluster.scheme == "https" else 80)
+        self.limit = limit
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._ssl = ssl_context
+        host = cluster.raw_host or self.host
+        if ":" in host:
+            host = f"[{host}]"
+        if cluster.explicit_port is not None and not cluster.is_default_port():
+            host += f":{cluster.port}"
+        self._host_line = f"Host: {host}\r\n"
+        self._idle: list[_Connection] = []
+        self._open: set[_Connection] = set()
+        self._busy = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def request(self, method: str, target: str, headers: CIMultiDict[str],
+                      body: AsyncIterator[bytes] | None) -> Answer:
+        """Send one request (`target` is the raw path and query) and wait for the answer's head."""
+        chunked = body is not None and "Content-Length" not in headers
+        head = self._head(method, target, headers, body is not None, chunked)
+        deadline = self.loop.time() + self.connect_timeout
+        retry = body is None and method in IDEMPOTENT
+        while True:
+            conn = await self._acquire(deadline)
+            try:
+                return await conn.exchange(method, head, body, chunked)
+            except _Stale:
+                conn.finish(reuse=False)
+                if not retry:
+                    raise aiohttp.ServerDisconnectedError(
+                        "the cluster closed the connection before it answered") from None
+                retry = False  # once: a second closed connection is no coincidence
+                deadline = self.loop.time() + self.connect_timeout
+            except BaseException:
+                conn.finish(reuse=False)
+                raise
+
+    def _head(self, method: str, target: str, headers: CIMultiDict[str], has_body: bool,
+              chunked: bool) -> bytes:
+        lines = [method, " ", target, " HTTP/1.1\r\n", self._host_line]
+        for name, value in headers.items():
+            lines += (name, ": ", value, "\r\n")
+        if chunked:
+            lines.append("Transfer-Encoding: chunked\r\n")
+        elif not has_body and method not in _NO_BODY_METHODS and "Content-Length" not in headers:
+            lines.append("Content-Length: 0\r\n")
+        lines.append("\r\n")
+        # Header values came through aiohttp's request parser (or are the proxy's own, checked
+        # where they come from), so none can hold a line break.
+        return "".join(lines).encode("utf-8", "surrogateescape")
+
+    async def _acquire(self, deadline: float) -> _Connection:
+        if self._busy >= self.limit or self._waiters:
+            await self._wait_for_slot(deadline)
+        else:
+            self._busy += 1
+        try:
+            now = self.loop.time()
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed and now - conn.idle_since < IDLE_REUSE:
+                    conn._in_use = True
+                    return conn
+                conn._drop()
+            return await self._connect(deadline)
+        except BaseException:
+            self._pass_slot()
+            raise
+
+    async def _wait_for_slot(self, deadline: float) -> None:
+        waiter = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled():
+                self._pass_slot()  # handed over just as the time ran out
+            raise aiohttp.ConnectionTimeoutError(
+                f"all {self.limit} connections to the cluster stayed busy") from None
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._pass_slot()
+            raise
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+    def _pass_slot(self) -> None:
+        """A slot is free: to the first request still waiting, otherwise back to the count."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._busy -= 1
+
+    async def _connect(self, deadline: float) -> _Connection:
+        try:
+            async with asyncio.timeout_at(deadline):
+                _, conn = await self.loop.create_connection(
+                    lambda: _Connection(self), self.host, self.port, ssl=self._ssl,
+                    server_hostname=self.host if self._ssl is not None else None,
+                )
+        except TimeoutError:
+            raise aiohttp.ConnectionTimeoutError(
+                f"no connection to {self.host}:{self.port} in time") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise CertificateUntrusted(self.host, self.port, exc) from None
+        except OSError as exc:
+            raise CannotConnect(self.host, self.port, exc) from None
+        self._open.add(conn)
+        conn._in_use = True
+        return conn
+
+    def release(self, conn: _Connection, reusable: bool) -> None:
+        if reusable:
+            self._idle.append(conn)
+        self._pass_slot()
+
+    def forget(self, conn: _Connection) -> None:
+        self._open.discard(conn)
+
+    def close(self) -> None:
+        """Close every connection (at shutdown, after the requests have drained)."""
+        for conn in list(self._open):
+            conn._drop()
+        self._idle.clear()
+
+
+def pool_ssl(insecure: bool, ca_bundle: Any, scheme: str) -> ssl.SSLContext | None:
+    """The TLS context for an https:// cluster: the system store, `--ca-bundle`, or none checked
+    with `--insecure`; None for http://."""
+    if scheme != "https":
+        return None
+    if insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    if ca_bundle is not None:
+        return ssl.create_default_context(cafile=str(ca_bundle))
+    return ssl.create_default_context()

@@ -195,10 +195,13 @@ class _Connection(asyncio.Protocol):
             cause = exc.__context__
             if isinstance(cause, _HeadOnly):
                 return
-            if isinstance(cause, InvalidAnswer):
-                self._fail(cause)
+            reason = str(cause if isinstance(cause, InvalidAnswer) else exc) or "unparsable"
+            if self._head_done:
+                # Mid-body, as when the cluster breaks off: forward.py drops the client.
+                self._fail(aiohttp.ClientPayloadError(
+                    f"the cluster's body was not valid HTTP/1.1: {reason}"))
             else:
-                self._fail(InvalidAnswer(str(exc) or exc.__class__.__name__))
+                self._fail(InvalidAnswer(reason))
 
     def eof_received(self) -> bool:
         return False  # close the transport: a half-closed cluster connection is no use
@@ -257,7 +260,9 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
+        if status == 101:  # the proxy forwards upgrades on the WebSocket path only
+            raise InvalidAnswer("it switched protocols without being asked to")
+        if 100 <= status < 200:
             self._interim = True  # 100 Continue, 103 Early Hints: the answer is still to come
             return
         headers = CIMultiDictProxy(CIMultiDict(self._fields))
@@ -304,10 +309,10 @@ class _Connection(asyncio.Protocol):
     async def readany(self) -> bytes:
         """The body bytes buffered so far, waiting for some if none are; b"" at the end."""
         while not self._chunks:
-            if self._exc is not None:
-                raise self._exc
             if self._complete:
                 return b""
+            if self._exc is not None:
+                raise self._exc
             self._reader = self._loop.create_future()
             try:
                 await self._reader
@@ -319,7 +324,7 @@ class _Connection(asyncio.Protocol):
         """What is buffered, without waiting (`n` is ignored: all of it)."""
         chunks = self._chunks
         if not chunks:
-            if self._exc is not None:
+            if self._exc is not None and not self._complete:
                 raise self._exc
             return b""
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
@@ -422,6 +427,11 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, exc: BaseException) -> None:
         """The exchange cannot go on: tell whoever waits, and drop the connection."""
+        if self._complete:
+            # Trouble after the end of the answer (bytes nobody asked for) spoils only the
+            # connection, not the answer already read.
+            self._drop()
+            return
         if self._exc is None:
             self._exc = exc
         if self._answer is not None and not self._answer.done():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -34,6 +36,18 @@ class Running:
     @property
     def tokens(self) -> TokenManager:
         return self.app[TOKENS]
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """SQUIRRO_PROXY_TEST_LOOP=uvloop runs the in-process tests on uvloop, whose transports
+    differ from asyncio's in ways the proxy's own client and splicing notice."""
+    if os.environ.get("SQUIRRO_PROXY_TEST_LOOP") == "uvloop":
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture

@@ -1,0 +1,424 @@
+"""The forwarding client (proxy/http1.py) against a cluster that speaks raw bytes: connection
+reuse, stale pooled connections, answers without a body, interim answers, bodies of unknown
+length, broken and hostile answers, request bodies and the pool slot of a client that leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import httpx
+import pytest
+from yarl import URL
+
+from tests.conftest import StartProxy
+from tests.helpers import raw_exchange
+
+ERROR_HEADER = "X-Squirro-Proxy-Error"
+TOKEN_PATH = "/api/user/oauth2/token"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    connection: int  # which connection of the cluster's it came on, counted from 1
+    nth: int  # its place on that connection, counted from 1
+
+
+Answer = Callable[[Request, asyncio.StreamWriter], Awaitable[bool]]  # True: keep the connection
+
+
+def ok(body: bytes = b"ok") -> Answer:
+    async def answer(_: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        return True
+    return answer
+
+
+def raw(data: bytes, keep: bool = False) -> Answer:
+    async def answer(_: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(data)
+        return keep
+    return answer
+
+
+@dataclass
+class ScriptedCluster:
+    """A cluster on a bare socket: the token endpoint answers as Squirro's does; every other path
+    gets the bytes its script writes, so an answer can be anything, broken ones included."""
+
+    scripts: dict[str, Answer] = field(default_factory=dict)
+    requests: list[Request] = field(default_factory=list)
+    access_token: str = "scripted-access-token"
+    connections: int = 0
+    answer_before_body: set[str] = field(default_factory=set)  # paths answered unread
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def api(self, path: str | None = None) -> list[Request]:
+        return [r for r in self.requests if r.path != TOKEN_PATH and path in (None, r.path)]
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        self.connections += 1
+        number, nth = self.connections, 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                nth += 1
+                line, *fields = head.decode("latin-1").split("\r\n")[:-2]
+                method, target, _ = line.split(" ")
+                headers = {k.lower(): v.strip() for k, v in (f.split(":", 1) for f in fields)}
+                body = b"" if target in self.answer_before_body else \
+                    await _read_body(reader, headers)
+                request = Request(method, target, headers, body, number, nth)
+                self.requests.append(request)
+                if target == TOKEN_PATH:
+                    token = json.dumps({"access_token": self.access_token,
+                                        "refresh_token": "refresh", "expires_in": 600}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%b" % (len(token), token))
+                    keep = True
+                else:
+                    keep = await self.scripts.get(target, ok())(request, writer)
+                await writer.drain()
+                if not keep:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the proxy hung up, or the test is over
+        finally:
+            writer.close()
+            self.tasks.discard(task)
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    if "content-length" in headers:
+        return await reader.readexactly(int(headers["content-length"]))
+    if headers.get("transfer-encoding") != "chunked":
+        return b""
+    body = b""
+    while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+        body += await reader.readexactly(size)
+        await reader.readexactly(2)
+    await reader.readexactly(2)
+    return body
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[ScriptedCluster, URL]]:
+    cluster = ScriptedCluster()
+    server = await asyncio.start_server(cluster.handle, "127.0.0.1", 0)
+    yield cluster, URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    server.close()
+    for task in list(cluster.tasks):
+        task.cancel()
+    await asyncio.gather(*cluster.tasks, return_exceptions=True)
+    await server.wait_closed()
+
+
+# --- connections ---------------------------------------------------------------------------------
+
+
+async def test_sequential_requests_share_one_connection(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+) -> None:
+    """Five requests one after the other reach the cluster on one kept-alive connection."""
+    cluster, url = scripted
+    proxy = await start_proxy(cluster=url)
+    for _ in range(5):
+        async with client.get(proxy.url / "api/x") as resp:
+            assert resp.status == 200 and await resp.read() == b"ok"
+    seen = cluster.api("/api/x")
+    assert len(seen) == 5 and len({r.connection for r in seen}) == 1
+    assert [r.nth for r in seen] == [1, 2, 3, 4, 5]
+    assert seen[0].headers["authorization"] == "Bearer scripted-access-token"
+    assert seen[0].headers["host"] == f"127.0.0.1:{url.port}"
+
+
+def closes_on_second_request(then: Answer) -> Answer:
+    """Answers the first request of a connection; closes at the second without a byte, as a
+    server does whose keep-alive timeout ran out just as the request arrived."""
+    async def answer(request: Request, writer: asyncio.StreamWriter) -> bool:
+        if request.nth > 1:
+            return False
+        return await then(request, writer)
+    return answer
+
+
+async def test_stale_pooled_connection_is_retried_for_get(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+) -> None:
+    """A pooled connection the cluster closes without answering: a GET is sent once more, on a
+    new connection, and the client never sees the failure."""
+    cluster, url = scripted
+    cluster.scripts["/api/flaky"] = closes_on_second_request(ok())
+    proxy = await start_proxy(cluster=url)
+    for _ in range(2):
+        async with client.get(proxy.url / "api/flaky") as resp:
+            assert resp.status == 200 and await resp.read() == b"ok"
+    seen = cluster.api("/api/flaky")
+    assert [(r.connection, r.nth) for r in seen] == [
+        (seen[0].connection, 1), (seen[0].connection, 2), (seen[2].connection, 1)]
+    assert seen[2].connection != seen[0].connection
+
+
+async def test_stale_pooled_connection_is_not_retried_for_post(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+) -> None:
+    """The same for a POST, which may have done its work: 502, and the cluster saw it once."""
+    cluster, url = scripted
+    cluster.scripts["/api/flaky"] = closes_on_second_request(ok())
+    proxy = await start_proxy(cluster=url)
+    async with client.post(proxy.url / "api/flaky") as resp:
+        assert resp.status == 200
+    async with client.post(proxy.url / "api/flaky") as resp:
+        assert resp.status == 502
+        assert resp.headers[ERROR_HEADER] == "cluster_connection_failed"
+    assert len(cluster.api("/api/flaky")) == 2
+    # A body-less POST carries Content-Length: 0, as aiohttp's client sent it.
+    assert cluster.api("/api/flaky")[0].headers["content-length"] == "0"
+
+
+async def test_client_leaving_frees_the_pool_slot(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+) -> None:
+    """--pool-size 1: a client that gives up on a silent cluster frees the one connection."""
+    cluster, url = scripted
+    hanging = asyncio.Event()
+
+    async def never(_: Request, __: asyncio.StreamWriter) -> bool:
+        hanging.set()
+        await asyncio.Event().wait()
+        return False
+
+    cluster.scripts["/api/hang"] = never
+    proxy = await start_proxy(cluster=url, pool_size=1, connect_timeout=2)
+    with pytest.raises(TimeoutError):
+        async with client.get(proxy.url / "api/hang", timeout=aiohttp.ClientTimeout(total=0.5)):
+            pass
+    assert hanging.is_set()
+    for _ in range(3):
+        async with client.get(proxy.url / "api/x") as resp:
+            assert resp.status == 200
+
+
+async def test_unasked_bytes_after_an_answer_spoil_only_the_connection(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+) -> None:
+    """Bytes after the end of an answer: the answer is relayed whole, the connection is not
+    reused."""
+    cluster, url = scripted
+    cluster.scripts["/api/extra"] = raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokGARBAGE",
+                                        keep=True)
+    proxy = await start_proxy(cluster=url)
+    async with client.get(proxy.url / "api/extra") as resp:
+        assert resp.status == 200 and await resp.read() == b"ok"
+    async with client.get(proxy.url / "api/x") as resp:
+        assert resp.status == 200 and await resp.read() == b"ok"
+    assert cluster.api("/api/x")[0].connection != cluster.api("/api/extra")[0].connection
+
+
+# --- answers without a body, interim answers, bodies of unknown length -------------------------
+
+
+async def test_head_answer_keeps_its_length_and_sends_no_body(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL],
+) -> None:
+    """HEAD: the cluster's Content-Length reaches the client, no body follows, and the next
+    request on the same client connection is answered."""
+    cluster, url = scripted
+    cluster.scripts["/api/file"] = raw(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nContent-Type: text/plain\r\n\r\n", keep=True)
+    proxy = await start_proxy(cluster=url)
+    async with httpx.AsyncClient() as http:
+        head = await http.head(str(proxy.url / "api/file"))
+        after = await http.get(str(proxy.url / "api/x"))
+    assert head.status_code == 200 and head.headers["content-length"] == "1000"
+    assert head.content == b""
+    assert after.status_code == 200 and after.content == b"ok"
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_answers_without_body_keep_the_connection(
+    status: int, start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL],
+    client: aiohttp.ClientSession,
+) -> None:
+    """204 and 304 end at their head; the connection serves the next request."""
+    cluster, url = scripted
+    cluster.scripts["/api/empty"] = raw(b"HTTP/1.1 %d Nothing\r\nETag: \"v1\"\r\n\r\n" % status,
+                                        keep=True)
+    proxy = await start_proxy(cluster=url)
+    async with client.get(proxy.url / "api/empty") as resp:
+        assert resp.status == status and resp.headers["ETag"] == '"v1"'
+        assert await resp.read() == b""
+    async with client.get(proxy.url / "api/x") as resp:
+        assert await resp.read() == b"ok"
+    assert cluster.api("/api/x")[0].connection == cluster.api("/api/empty")[0].connection
+
+
+async def test_interim_answers_are_skipped(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+) -> None:
+    """100 Continue and 103 Early Hints before the answer: the client gets the final answer."""
+    cluster, url = scripted
+    cluster.scripts["/api/hints"] = raw(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n"
+        b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\nX-Final: yes\r\n\r\ndone", keep=True)
+    proxy = await start_proxy(cluster=url)
+    async with client.get(proxy.url / "api/hints") as resp:
+        assert resp.status == 201 and resp.headers["X-Final"] == "yes"
+        assert "Link" not in resp.headers
+        assert await resp.read() == b"done"
+
+
+async def test_body_until_the_connection_closes(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+) -> None:
+    """An answer with neither Content-Length nor chunking ends when the cluster closes."""
+    cluster, url = scripted
+    body = b"x" * 300_000
+
+    async def until_close(_: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+        for start in range(0, len(body), 65536):
+            writer.write(body[start:start + 65536])
+            await writer.drain()
+        return False
+
+    cluster.scripts["/api/eof"] = until_close
+    proxy = await start_proxy(cluster=url)
+    async with client.get(proxy.url / "api/eof") as resp:
+        assert resp.status == 200 and await resp.read() == body
+
+
+async def test_chunked_answer_is_relayed(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+) -> None:
+    """A chunked answer arrives whole, and its connection is reused."""
+    cluster, url = scripted
+    cluster.scripts["/api/chunks"] = raw(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", keep=True)
+    proxy = await start_proxy(cluster=url)
+    async with client.get(proxy.url / "api/chunks") as resp:
+        assert await resp.read() == b"hello world"
+    async with client.get(proxy.url / "api/x") as resp:
+        assert await resp.read() == b"ok"
+    assert cluster.api("/api/x")[0].connection == cluster.api("/api/chunks")[0].connection
+
+
+# --- broken and hostile answers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("answer", "detail"), [
+    (b"NOT HTTP AT ALL\r\n\r\n", ""),
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\nContent-Length: 0\r\n\r\n",
+     "header field is larger than 64 KiB"),
+    (b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(300)) + b"\r\n",
+     "more than 256 header fields"),
+    (b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: %b\r\n" % (i, b"v" * 2000) for i in range(200)),
+     "head is larger than 256 KiB"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok", ""),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok", ""),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+     "switched protocols"),
+], ids=["garbage", "huge-field", "many-fields", "huge-head", "length-and-chunked",
+        "two-lengths", "unasked-101"])
+async def test_invalid_answer_gives_502(
+    answer: bytes, detail: str, start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL],
+    client: aiohttp.ClientSession,
+) -> None:
+    """An answer that is not HTTP/1.1 the proxy can relay: 502 cluster_invalid_response."""
+    cluster, url = scripted
+    cluster.scripts["/api/bad"] = raw(answer)
+    proxy = await start_proxy(cluster=url)
+    async with client.get(proxy.url / "api/bad") as resp:
+        assert resp.status == 502
+        assert resp.headers[ERROR_HEADER] == "cluster_invalid_response"
+        error = await resp.json()
+    assert detail in error["detail"] and "valid HTTP/1.1" in error["detail"]
+    async with client.get(proxy.url / "api/x") as resp:  # the next request is not affected
+        assert resp.status == 200
+
+
+async def test_broken_chunk_framing_mid_body_drops_the_client(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+) -> None:
+    """Bad chunk framing after the head: the client's connection is dropped, not ended cleanly
+    with a body that looks complete."""
+    cluster, url = scripted
+    cluster.scripts["/api/badchunk"] = raw(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n")
+    proxy = await start_proxy(cluster=url)
+    async with client.get(proxy.url / "api/badchunk") as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+
+
+async def test_access_token_with_a_line_break_is_refused(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+) -> None:
+    """A token endpoint handing out a token with CR LF cannot add headers to requests: the
+    token is refused (503) and nothing reaches the API."""
+    cluster, url = scripted
+    cluster.access_token = "abc\r\nX-Injected: yes"
+    proxy = await start_proxy(cluster=url, wait_token=False)
+    async with client.get(proxy.url / "api/x") as resp:
+        assert resp.status == 503
+        assert resp.headers[ERROR_HEADER] == "token_unavailable"
+        assert "visible ASCII" in (await resp.json())["detail"]
+    assert cluster.api() == []
+
+
+# --- request bodies ------------------------------------------------------------------------------
+
+
+async def test_request_bodies_reach_the_cluster_framed_as_sent(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL],
+) -> None:
+    """A body with a length goes with that length; a chunked one is sent chunked; both whole."""
+    cluster, url = scripted
+    proxy = await start_proxy(cluster=url)
+    sized = bytes(range(256)) * 4000
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"piece-" * 1000
+
+    async with httpx.AsyncClient() as http:
+        first = await http.put(str(proxy.url / "api/sized"), content=sized)
+        second = await http.post(str(proxy.url / "api/streamed"), content=pieces())
+    assert first.status_code == second.status_code == 200
+    got_sized, got_streamed = cluster.api("/api/sized")[0], cluster.api("/api/streamed")[0]
+    assert got_sized.body == sized and got_sized.headers["content-length"] == str(len(sized))
+    assert "transfer-encoding" not in got_sized.headers
+    assert got_streamed.body == b"piece-" * 10_000
+    assert got_streamed.headers["transfer-encoding"] == "chunked"
+
+
+async def test_answer_before_the_upload_ends(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL],
+) -> None:
+    """A cluster that refuses an upload at once (413), without reading it, is relayed while the
+    client still sends; that connection is not reused."""
+    cluster, url = scripted
+    cluster.answer_before_body.add("/api/upload")
+    cluster.scripts["/api/upload"] = raw(
+        b"HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbig")
+    proxy = await start_proxy(cluster=url)
+    body = b"y" * 200_000
+    reply = await raw_exchange(proxy.url, (
+        b"POST /api/upload HTTP/1.1\r\nHost: %b\r\nContent-Length: %d\r\nConnection: close\r\n"
+        b"\r\n%b" % (f"127.0.0.1:{proxy.url.port}".encode(), len(body), body)))
+    assert reply.startswith(b"HTTP/1.1 413") and reply.endswith(b"big")
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(str(proxy.url / "api/x"))).status_code == 200
+    assert cluster.api("/api/x")[0].connection != cluster.api("/api/upload")[0].connection

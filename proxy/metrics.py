@@ -77,7 +77,7 @@ class RequestStats:
 
     __slots__ = ("bytes_in", "bytes_out", "in_flight", "latency_buckets", "latency_sum",
                  "pids", "processes", "recent_errors", "recent_latencies", "requests",
-                 "retried", "started")
+                 "retired_cpu", "retried", "started")
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str], int] = {}  # (method, status class) -> count
@@ -94,6 +94,16 @@ class RequestStats:
         # Whose memory, CPU and descriptors the process_* metrics sum: this process, or the
         # supervisor and every worker.
         self.pids = [os.getpid()]
+        # CPU seconds of worker processes that have ended (their /proc entry went with them).
+        self.retired_cpu = 0.0
+
+    def retired(self, cpu_seconds: float) -> RequestStats:
+        """What an ended worker leaves to the totals: its counts, no process, nothing in flight,
+        and the CPU time it used (from wait4), so that no counter of a scrape goes down."""
+        left = RequestStats.merged([self])
+        left.processes, left.pids, left.in_flight = 0, [], 0
+        left.retired_cpu += cpu_seconds
+        return left
 
     def finish(self, request: web.Request, status: int,
                response: web.StreamResponse | None) -> None:
@@ -143,6 +153,7 @@ class RequestStats:
         for part in parts:
             total.processes += part.processes
             total.pids += part.pids
+            total.retired_cpu += part.retired_cpu
             for key, count in part.requests.items():
                 total.requests[key] = total.requests.get(key, 0) + count
             total.in_flight += part.in_flight
@@ -265,7 +276,7 @@ class ProxyCollector(Collector):
             buckets=buckets, sum_value=stats.latency_sum,
         )
         yield from self._token_metrics()
-        yield from process_metrics(stats.pids)
+        yield from process_metrics(stats.pids, stats.retired_cpu)
 
     def _token_metrics(self) -> Iterator[Metric]:
         tokens = self.tokens
@@ -314,10 +325,10 @@ def _constant(pid: int) -> Callable[[], int]:
     return lambda: pid
 
 
-def process_metrics(pids: list[int]) -> Iterator[Metric]:
+def process_metrics(pids: list[int], retired_cpu: float = 0.0) -> Iterator[Metric]:
     """Memory, CPU and open files, read from /proc at scrape time; summed over `pids` (the
     supervisor and its workers), so the series stay those of one proxy whichever worker is
-    scraped."""
+    scraped. `retired_cpu` adds the CPU time of workers that have ended."""
     values: dict[str, list[float]] = {}
     shapes: dict[str, Metric] = {}
     for pid in pids:
@@ -327,6 +338,8 @@ def process_metrics(pids: list[int]) -> Iterator[Metric]:
                 values.setdefault(family.name, []).append(sample.value)
     for name, family in shapes.items():
         combined = _COMBINE.get(name, sum)(values[name])
+        if name == "process_cpu_seconds":
+            combined += retired_cpu
         kind = CounterMetricFamily if family.type == "counter" else GaugeMetricFamily
         yield kind(name, family.documentation, value=combined)
 

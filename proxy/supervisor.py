@@ -69,6 +69,8 @@ class WorkerProcess:
     proc: subprocess.Popen[bytes] | None = None  # set when started by exec
     link: Link | None = None
     reaped: bool = False  # its pid may belong to another process by now
+    last_stats: RequestStats | None = None  # its figures at the last scrape
+    retired: bool = False  # its figures are in the supervisor's `retired` totals
 
     def signal(self, sig: int) -> None:
         if self.reaped:
@@ -76,15 +78,16 @@ class WorkerProcess:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, sig)
 
-    async def reap(self) -> int:
-        """Wait for the process to end; its exit code (negative: the signal that ended it)."""
-        _, status = await asyncio.get_running_loop().run_in_executor(
-            None, os.waitpid, self.pid, 0)
+    async def reap(self) -> tuple[int, float]:
+        """Wait for the process to end; its exit code (negative: the signal that ended it) and
+        the CPU seconds it used."""
+        _, status, usage = await asyncio.get_running_loop().run_in_executor(
+            None, os.wait4, self.pid, 0)
         code = os.waitstatus_to_exitcode(status)
         self.reaped = True
         if self.proc is not None:
             self.proc.returncode = code  # reaped here, not by Popen
-        return code
+        return code, usage.ru_utime + usage.ru_stime
 
 
 def serve(settings: Settings) -> int:
@@ -150,6 +153,8 @@ class Supervisor:
         self.tokens: TokenManager | None = None
         self._watchers: set[asyncio.Task[None]] = set()
         self._restart_delay = RESTART_DELAY / 2  # doubled at the first death
+        # The figures of workers that have ended: counters must not go down when one is replaced.
+        self._retired = RequestStats.merged([])
 
     async def run(self) -> int:
         settings = self.settings
@@ -215,7 +220,10 @@ class Supervisor:
     async def _watch(self, process: WorkerProcess) -> None:
         assert process.link is not None
         await process.link.closed
-        code = await process.reap()
+        code, cpu_seconds = await process.reap()
+        left = (process.last_stats or RequestStats.merged([])).retired(cpu_seconds)
+        self._retired = RequestStats.merged([self._retired, left])
+        process.retired = True
         await process.link.close()
         if code == 0 and not self.stopping:
             # A clean exit: a stop signal sent to the whole process group reaches the workers
@@ -301,21 +309,25 @@ class Supervisor:
         raise ValueError(f"unknown call {op!r}")
 
     async def _all_stats(self) -> RequestStats:
-        parts = await asyncio.gather(*(self._snapshot(p) for p in list(self.workers.values())))
-        merged = RequestStats.merged(p for p in parts if p is not None)
+        live = [p for p in self.workers.values() if not p.retired]
+        parts = await asyncio.gather(*(self._snapshot(p) for p in live))
+        merged = RequestStats.merged([*(p for p in parts if p is not None), self._retired])
         merged.pids.append(os.getpid())  # the supervisor's memory and CPU count too
         return merged
 
     @staticmethod
     async def _snapshot(process: WorkerProcess) -> RequestStats | None:
-        if process.link is None:
-            return None
-        try:
-            async with asyncio.timeout(SNAPSHOT_TIMEOUT):
-                stats: RequestStats = await process.link.call("snapshot")
+        if process.link is not None:
+            try:
+                async with asyncio.timeout(SNAPSHOT_TIMEOUT):
+                    stats: RequestStats = await process.link.call("snapshot")
+                process.last_stats = stats
                 return stats
-        except (LinkClosed, RemoteFailure, TimeoutError):
-            return None  # dying or stuck: the scrape goes on without it
+            except (LinkClosed, RemoteFailure, TimeoutError):
+                pass
+        # Dying or stuck: what it had at the last scrape, so the totals do not dip.
+        last = process.last_stats
+        return last.retired(0.0) if last is not None else None
 
     def _push_state(self) -> None:
         assert self.tokens is not None

@@ -258,6 +258,41 @@ async def test_a_dead_worker_is_replaced(
     assert cluster.token_calls == 1
 
 
+async def test_counters_do_not_go_down_when_a_worker_is_replaced(
+    procs: list[ProxyProcess], cluster: FakeCluster, cluster_url: URL, tmp_path: Path
+) -> None:
+    """A killed worker's requests and CPU time stay in the totals after it is replaced, so
+    Prometheus never sees a counter reset."""
+    p, base = await _start(procs, cluster_url, tmp_path)
+    await _until_every_worker_forwards(p, cluster, cluster_url, base)
+    for _ in range(3):
+        assert await _get_many(base, 200) == [200] * 200
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True)
+    ) as client:
+
+        async def scrape() -> tuple[float, float]:
+            async with client.get(base / "-/metrics") as resp:
+                text = await resp.text()
+            requests = sum(float(m.group(1)) for m in re.finditer(
+                r'^squirro_proxy_requests_total\{[^}]*\} (\S+)$', text, re.MULTILINE))
+            return requests, _sample(text, "process_cpu_seconds_total")
+
+        before_requests, _ = await scrape()
+        victim = p.children()[0]
+        victim_cpu = sum(victim.cpu_times()[:2])
+        assert victim_cpu > 0.05
+        victim.kill()
+        await p.wait_line(rf"worker \d \(pid (?!{victim.pid}\))\d+\) serving")
+        for _ in range(4):  # either worker may answer, the new one included
+            live = [psutil.Process(p.proc.pid), *p.children()]
+            live_cpu = sum(sum(proc.cpu_times()[:2]) for proc in live)
+            requests, cpu = await scrape()
+            assert requests == before_requests  # /-/ pages are not counted: nothing was lost
+            # The living processes' time, and the killed worker's on top.
+            assert cpu >= live_cpu + 0.9 * victim_cpu
+
+
 async def test_workers_stop_when_the_supervisor_is_killed(
     procs: list[ProxyProcess], cluster_url: URL, tmp_path: Path
 ) -> None:

@@ -113,11 +113,13 @@ def serve(settings: Settings) -> int:
         workers.append(_fork(settings, listeners, index, inherited))
     supervisor = Supervisor(settings, listeners, urls, workers, demo_sock)
     try:
-        return eventloop.run(supervisor.run())
+        code = eventloop.run(supervisor.run())
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         return 130
     finally:
         close(listeners, settings)
+    # Cut short by a second signal: the exit code a shell shows for a process it killed.
+    return 128 + supervisor.forced_by if supervisor.forced_by is not None else code
 
 
 def _fork(settings: Settings, listeners: Sequence[socket.socket], index: int,
@@ -150,6 +152,7 @@ class Supervisor:
         self.demo_sock = demo_sock
         self.stopping = False
         self._stopping = asyncio.Event()
+        self.forced_by: int | None = None  # the second stop signal, which ends the drain
         self.tokens: TokenManager | None = None
         self._watchers: set[asyncio.Task[None]] = set()
         self._restart_delay = RESTART_DELAY / 2  # doubled at the first death
@@ -173,7 +176,13 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
-        def on_stop_signal() -> None:
+        def on_stop_signal(sig: int) -> None:
+            if stop.is_set() and self.forced_by is None:
+                # A second Ctrl-C: stop at once, as a single process does, without the drain.
+                log.warning("second stop signal: ending the worker processes without waiting")
+                self.forced_by = sig
+                for process in self.workers.values():
+                    process.signal(signal.SIGKILL)
             # At once, not when `stop` is seen: the workers got the same Ctrl-C, and the first
             # to finish must not be mistaken for one that died.
             self.stopping = True
@@ -181,7 +190,7 @@ class Supervisor:
 
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, on_stop_signal)
+                loop.add_signal_handler(sig, on_stop_signal, sig)
             loop.add_signal_handler(signal.SIGHUP, reload_token_file, watcher)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             for process in self.workers.values():

@@ -243,6 +243,36 @@ async def test_ctrl_c_to_the_process_group_drains_every_worker(
     assert "Traceback" not in out
 
 
+async def test_second_ctrl_c_ends_the_drain_at_once(
+    procs: list[ProxyProcess], cluster: FakeCluster, cluster_url: URL, tmp_path: Path
+) -> None:
+    """A second Ctrl-C while workers drain stops everything at once (exit 130), as it does for
+    one process, instead of waiting out --shutdown-grace."""
+    p = await spawn("--workers", "2", "--shutdown-grace", "30", env=proxy_env(cluster_url),
+                    cwd=tmp_path, own_group=True)
+    procs.append(p)
+    base = URL((await p.wait_line(LISTEN)).group(1))
+    await until(lambda: len(p.children()) == 2)
+    children = p.children()
+    arrived, _ = cluster.hold_answers()
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True)
+    ) as client:
+        call = asyncio.ensure_future(client.get(base / "api/held"))
+        await until(lambda: len(arrived) == 1)
+        os.killpg(p.proc.pid, signal.SIGINT)
+        await p.wait_line("shutting down")
+        started = asyncio.get_running_loop().time()
+        os.killpg(p.proc.pid, signal.SIGINT)
+        code, out = await p.finish()
+        assert asyncio.get_running_loop().time() - started < 5
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await call
+    assert code == 130
+    assert "second stop signal" in out and "Traceback" not in out
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+
 async def test_a_dead_worker_is_replaced(
     procs: list[ProxyProcess], cluster: FakeCluster, cluster_url: URL, tmp_path: Path
 ) -> None:

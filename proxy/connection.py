@@ -37,7 +37,7 @@ from aiohttp.http_exceptions import (
     LineTooLong,
 )
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 from aiohttp.web_server import Server
@@ -118,7 +118,17 @@ class ProxyRequestHandler(RequestHandler):
             # A head is complete (or refused): what follows is its body, not under the deadline.
             self._disarm()
             self._line_whole = self._line_seen and self._line_length <= self.max_line_size
+            previous = body
             message, self._body = self._messages[-1] if self._messages else (None, None)
+            if isinstance(message, _ErrInfo) and previous is not None and not previous.is_eof():
+                # The body under way broke (bad chunk framing, say). aiohttp queues the error as
+                # a request of its own and leaves that body waiting for bytes that never come:
+                # tell the handler reading it, which answers 400 and never completes it upstream.
+                reason = (message.message or "").split("\n", 1)[0].strip().rstrip(":")
+                previous.set_exception(RequestPayloadError(f"malformed ({reason or 'framing'})"))
+                # Nothing more can be read from this connection: no lingering over the rest of
+                # that body (which would raise the same error again) before it is closed.
+                self._lingering_time = 0.0
             # After a refusal the parser only repeats its error: stop reading heads.
             self._refused = isinstance(message, _ErrInfo)
         elif new_head and self.transport is not None:

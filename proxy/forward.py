@@ -22,7 +22,14 @@ from yarl import URL
 from .config import Settings
 from .errors import proxy_error
 from .headers import client_response_headers, upstream_request_headers
-from .http1 import CannotConnect, CertificateUntrusted, ClusterAnswer, ClusterPool, InvalidAnswer
+from .http1 import (
+    CannotConnect,
+    CertificateUntrusted,
+    ClusterAnswer,
+    ClusterPool,
+    InvalidAnswer,
+    RequestBodyBroken,
+)
 from .redact import mask_query
 from .splice import Splicer, can_splice
 from .tokens import TokenError, TokenSource, tls_untrusted_reason
@@ -183,11 +190,13 @@ async def forward(request: web.Request) -> web.StreamResponse:
         return token_error(exc)
 
     started = time.monotonic()
+    resp: ClusterAnswer | None = None
     try:
         resp = await _send(up, request, raw, token.value, body, rid)
         if resp.status == 401:
             if body is None or (tee is not None and not tee.overflow):
                 resp.release()
+                resp = None
                 try:
                     token = await up.tokens.refresh_after_401(token)
                 except TokenError as exc:
@@ -203,6 +212,13 @@ async def forward(request: web.Request) -> web.StreamResponse:
                     await up.tokens.refresh_after_401(token)
     except (TimeoutError, aiohttp.ClientError) as exc:
         return upstream_failure(exc, URL(up.base + raw, encoded=True), up.settings)
+    except BaseException:
+        # Cancelled (the client left) while an answer was held, during the refresh after a
+        # 401: its connection and pool slot must not stay taken.
+        if resp is not None:
+            resp.close()
+        raise
+    assert resp is not None
     request[UPSTREAM_LATENCY] = latency = time.monotonic() - started
     if tee is not None:
         request[BYTES_IN] = tee.size
@@ -258,6 +274,8 @@ def upstream_failure(
             f"cannot connect to the cluster at {url.host}:{url.port}: "
             f"{exc.os_error.strerror or exc.os_error.__class__.__name__}",
         )
+    if isinstance(exc, RequestBodyBroken):
+        return proxy_error(400, "bad_request_body", f"the request body could not be read: {exc}")
     if isinstance(exc, InvalidAnswer):
         return proxy_error(
             502, "cluster_invalid_response",

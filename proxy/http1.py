@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, cast
@@ -65,9 +66,18 @@ class InvalidAnswer(aiohttp.ClientError):
     """The cluster's answer was not HTTP/1.1 the proxy can relay."""
 
 
+class RequestBodyBroken(aiohttp.ClientPayloadError):
+    """The client's request body could not be read to its end (malformed, or cut off)."""
+
+
 class _HeadOnly(Exception):
     """Raised from the parser's callback to stop at the end of the head of an answer to HEAD,
     whose length headers describe a body that is never sent (llhttp cannot be told)."""
+
+
+class _Overrun(Exception):
+    """Raised from the parser's callback when a second answer begins after the final one: bytes
+    nobody asked for, which must not be taken as part of anything."""
 
 
 class ClusterAnswer(Protocol):
@@ -102,11 +112,12 @@ class _Stale(aiohttp.ServerDisconnectedError):
 class Answer:
     """The cluster's answer, read as forward.py reads aiohttp's ClientResponse."""
 
-    __slots__ = ("_conn", "content_length", "headers", "reason", "status")
+    __slots__ = ("_conn", "_exchange", "content_length", "headers", "reason", "status")
 
     def __init__(self, conn: _Connection, status: int, reason: str,
                  headers: CIMultiDictProxy[str], content_length: int | None) -> None:
         self._conn = conn
+        self._exchange = conn.exchanges  # a late release must not end a later exchange
         self.status = status
         self.reason = reason
         self.headers = headers
@@ -124,10 +135,12 @@ class Answer:
     def release(self) -> None:
         """Done with the answer: its connection goes back to the pool if the body was read to
         the end, and is closed otherwise."""
-        self._conn.finish(reuse=True)
+        if self._conn.exchanges == self._exchange:
+            self._conn.finish(reuse=True)
 
     def close(self) -> None:
-        self._conn.finish(reuse=False)
+        if self._conn.exchanges == self._exchange:
+            self._conn.finish(reuse=False)
 
 
 class _Connection(asyncio.Protocol):
@@ -138,8 +151,9 @@ class _Connection(asyncio.Protocol):
         self._loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.protocol = self  # splice.py pauses reading through `connection.protocol`
-        self.closed = False
+        self.closed = False  # set as soon as the proxy drops it, before connection_lost
         self.reused = False
+        self.exchanges = 0
         self.idle_since = 0.0
         self._in_use = False
         self._parser: httptools.HttpResponseParser | None = None
@@ -148,6 +162,8 @@ class _Connection(asyncio.Protocol):
         self._status_line = b""
         self._fields: list[tuple[str, str]] = []
         self._head_size = 0
+        self._trailer_size = 0
+        self._maybe_trailer = False
         self._head_done = False
         self._interim = False
         self._until_eof = False
@@ -184,9 +200,8 @@ class _Connection(asyncio.Protocol):
         self._last_read = self._loop.time()
         if not self._head_done:
             self._head_size += len(data)
-            if self._head_size > MAX_HEAD:
-                self._fail(InvalidAnswer(f"its head is larger than {MAX_HEAD // 1024} KiB"))
-                return
+        elif self._maybe_trailer:
+            self._trailer_size += len(data)
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -195,6 +210,9 @@ class _Connection(asyncio.Protocol):
             cause = exc.__context__
             if isinstance(cause, _HeadOnly):
                 return
+            if isinstance(cause, _Overrun):
+                self._drop()
+                return
             reason = str(cause if isinstance(cause, InvalidAnswer) else exc) or "unparsable"
             if self._head_done:
                 # Mid-body, as when the cluster breaks off: forward.py drops the client.
@@ -202,8 +220,17 @@ class _Connection(asyncio.Protocol):
                     f"the cluster's body was not valid HTTP/1.1: {reason}"))
             else:
                 self._fail(InvalidAnswer(reason))
+            return
+        # httptools gathers a header field (or a trailer) whole before handing it over, so the
+        # bound is checked between reads: memory stays within the limit plus one read.
+        if not self._head_done and self._head_size > MAX_HEAD:
+            self._fail(InvalidAnswer(f"its head is larger than {MAX_HEAD // 1024} KiB"))
+        elif self._maybe_trailer and self._trailer_size > MAX_HEAD:
+            self._fail(aiohttp.ClientPayloadError(
+                f"the cluster's trailer was larger than {MAX_HEAD // 1024} KiB"))
 
     def eof_received(self) -> bool:
+        self.closed = True
         return False  # close the transport: a half-closed cluster connection is no use
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -242,6 +269,8 @@ class _Connection(asyncio.Protocol):
     # --- httptools callbacks --------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._complete:
+            raise _Overrun
         self._status_line = b""
         self._fields = []
 
@@ -267,7 +296,13 @@ class _Connection(asyncio.Protocol):
             return
         headers = CIMultiDictProxy(CIMultiDict(self._fields))
         length = headers.get("Content-Length")
-        chunked = "Transfer-Encoding" in headers
+        coding = headers.getall("Transfer-Encoding", [])
+        chunked = bool(coding)
+        if chunked and [c.strip().lower() for c in ",".join(coding).split(",")] != ["chunked"]:
+            # Another transfer coding (gzip, identity, ...) would reach the client undone
+            # and unlabelled (Transfer-Encoding is hop-by-hop), as aiohttp's client refused it.
+            raise InvalidAnswer(f"it uses the transfer coding {', '.join(coding)!r}; only "
+                                "chunked can be relayed")
         # llhttp has checked the value is digits, and refused it next to Transfer-Encoding.
         content_length = int(length) if length is not None and not chunked else None
         no_body = self._method == "HEAD" or status in (204, 304)
@@ -284,9 +319,17 @@ class _Connection(asyncio.Protocol):
             self._parser = None
             raise _HeadOnly
 
+    def on_chunk_header(self) -> None:
+        # Until body bytes follow, this may be the last chunk, and what follows its trailer.
+        self._maybe_trailer = True
+        self._trailer_size = 0
+
     def on_body(self, body: bytes) -> None:
+        self._maybe_trailer = False
         self._chunks.append(body)
-        self._buffered += len(body)
+        # Counted with what a piece costs beyond its bytes: a cluster sending one-byte chunks
+        # cannot make the buffer forty times its nominal size.
+        self._buffered += len(body) + 64
         self._wake_reader()
         if self._buffered > HIGH_WATER and not self._paused_for_buffer:
             self._paused_for_buffer = True
@@ -351,11 +394,13 @@ class _Connection(asyncio.Protocol):
                        body: AsyncIterator[bytes] | None, chunked: bool) -> Answer:
         assert self.transport is not None and self._parser is None
         self._method = method
+        self.exchanges += 1
         self._parser = httptools.HttpResponseParser(self)
         answer: asyncio.Future[Answer] = self._loop.create_future()
         self._answer = answer
-        self._head_size = 0
+        self._head_size = self._trailer_size = 0
         self._head_done = self._interim = self._until_eof = self._got_bytes = False
+        self._maybe_trailer = False
         self._complete = self._keep_alive = False
         self._exc = None
         self._chunks.clear()
@@ -379,7 +424,7 @@ class _Connection(asyncio.Protocol):
                 if self.closed:
                     return
                 if chunked:
-                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
                 else:
                     transport.write(chunk)
                 if self._write_paused:
@@ -390,11 +435,16 @@ class _Connection(asyncio.Protocol):
                         self._drainer = None
             if chunked and not self.closed:
                 transport.write(b"0\r\n\r\n")
-        except ConnectionError:
-            return  # the cluster went away: connection_lost has told the answer
-        except aiohttp.ClientPayloadError as exc:
-            # The client's body broke off; the cluster must not take what it got as complete.
-            self._fail(aiohttp.ClientPayloadError(f"the request body broke off: {exc}"))
+        except ConnectionError as exc:
+            if self.closed or transport.is_closing():
+                return  # the cluster went away: connection_lost tells the answer
+            # The client's connection broke: the cluster must not take what it got as complete.
+            self._fail(RequestBodyBroken(f"the client's connection broke ({exc})"))
+            return
+        except Exception as exc:
+            # Malformed or cut off (aiohttp's RequestPayloadError), or anything else: the
+            # cluster must not take what it got as a complete body.
+            self._fail(RequestBodyBroken(str(exc) or exc.__class__.__name__))
             return
         self._body_sent = True
         if not self._complete and not self.closed:
@@ -443,6 +493,7 @@ class _Connection(asyncio.Protocol):
         self._stop_timer()
         if self.transport is not None and not self.closed:
             self.transport.abort()
+        self.closed = True
 
     def _wake_reader(self) -> None:
         reader = self._reader
@@ -507,8 +558,9 @@ class ClusterPool:
         head = self._head(method, target, headers, body is not None, chunked)
         deadline = self.loop.time() + self.connect_timeout
         retry = body is None and method in IDEMPOTENT
+        fresh = False
         while True:
-            conn = await self._acquire(deadline)
+            conn = await self._acquire(deadline, fresh)
             try:
                 return await conn.exchange(method, head, body, chunked)
             except _Stale:
@@ -516,7 +568,9 @@ class ClusterPool:
                 if not retry:
                     raise aiohttp.ServerDisconnectedError(
                         "the cluster closed the connection before it answered") from None
-                retry = False  # once: a second closed connection is no coincidence
+                # Once, on a new connection: the other pooled ones may be as stale (a cluster
+                # restart closes them all), and a second failure is no coincidence.
+                retry, fresh = False, True
                 deadline = self.loop.time() + self.connect_timeout
             except BaseException:
                 conn.finish(reuse=False)
@@ -536,16 +590,17 @@ class ClusterPool:
         # where they come from), so none can hold a line break.
         return "".join(lines).encode("utf-8", "surrogateescape")
 
-    async def _acquire(self, deadline: float) -> _Connection:
+    async def _acquire(self, deadline: float, fresh: bool = False) -> _Connection:
         if self._busy >= self.limit or self._waiters:
             await self._wait_for_slot(deadline)
         else:
             self._busy += 1
         try:
             now = self.loop.time()
-            while self._idle:
+            while self._idle and not fresh:
                 conn = self._idle.pop()
-                if not conn.closed and now - conn.idle_since < IDLE_REUSE:
+                if not conn.closed and now - conn.idle_since < IDLE_REUSE and \
+                        conn.transport is not None and not conn.transport.is_closing():
                     conn._in_use = True
                     return conn
                 conn._drop()
@@ -572,6 +627,8 @@ class ClusterPool:
         finally:
             if not waiter.done():
                 waiter.cancel()
+            with contextlib.suppress(ValueError):  # not there if it was handed a slot
+                self._waiters.remove(waiter)  # a full pool must not collect dead waiters
 
     def _pass_slot(self) -> None:
         """A slot is free: to the first request still waiting, otherwise back to the count."""

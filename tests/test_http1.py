@@ -5,6 +5,7 @@ length, broken and hostile answers, request bodies and the pool slot of a client
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -12,8 +13,10 @@ from dataclasses import dataclass, field
 import aiohttp
 import httpx
 import pytest
+from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.http1 import ClusterPool
 from tests.conftest import StartProxy
 from tests.helpers import raw_exchange
 
@@ -56,6 +59,8 @@ class ScriptedCluster:
     scripts: dict[str, Answer] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     access_token: str = "scripted-access-token"
+    token_delay: float = 0.0
+    on_token: Callable[[], None] | None = None  # called as an exchange arrives
     connections: int = 0
     answer_before_body: set[str] = field(default_factory=set)  # paths answered unread
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -81,6 +86,9 @@ class ScriptedCluster:
                 request = Request(method, target, headers, body, number, nth)
                 self.requests.append(request)
                 if target == TOKEN_PATH:
+                    if self.on_token is not None:
+                        self.on_token()
+                    await asyncio.sleep(self.token_delay)
                     token = json.dumps({"access_token": self.access_token,
                                         "refresh_token": "refresh", "expires_in": 600}).encode()
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -169,6 +177,37 @@ async def test_stale_pooled_connection_is_retried_for_get(
     assert seen[2].connection != seen[0].connection
 
 
+async def test_stale_retry_takes_a_new_connection(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+) -> None:
+    """Two pooled connections, both closed by the cluster (as by a restart): the retry opens a
+    new connection rather than trying the other stale one."""
+    cluster, url = scripted
+    both_in = asyncio.Event()
+    answered = 0
+
+    async def in_pairs(request: Request, writer: asyncio.StreamWriter) -> bool:
+        nonlocal answered
+        if request.nth > 1:
+            return False
+        answered += 1
+        if answered == 2:
+            both_in.set()
+        await both_in.wait()  # two requests at once: two connections in the pool
+        return await ok()(request, writer)
+
+    cluster.scripts["/api/flaky"] = in_pairs
+    proxy = await start_proxy(cluster=url)
+    first = await asyncio.gather(*(client.get(proxy.url / "api/flaky") for _ in range(2)))
+    assert [r.status for r in first] == [200, 200]
+    for r in first:
+        r.release()
+    async with client.get(proxy.url / "api/flaky") as resp:
+        assert resp.status == 200
+    seen = cluster.api("/api/flaky")
+    assert len({r.connection for r in seen}) == 3 and seen[-1].nth == 1
+
+
 async def test_stale_pooled_connection_is_not_retried_for_post(
     start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
 ) -> None:
@@ -209,18 +248,27 @@ async def test_client_leaving_frees_the_pool_slot(
             assert resp.status == 200
 
 
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokGARBAGE",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n"
+    b"SMUGGLED",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Len",
+], ids=["garbage", "second-answer", "second-answer-after-chunks", "half-a-second-answer"])
 async def test_unasked_bytes_after_an_answer_spoil_only_the_connection(
-    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+    answer: bytes, start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL],
+    client: aiohttp.ClientSession,
 ) -> None:
-    """Bytes after the end of an answer: the answer is relayed whole, the connection is not
-    reused."""
+    """Bytes after the end of an answer, even a whole second answer: the answer is relayed
+    exactly, and the connection is never used again (not even for a POST, which is never sent
+    twice)."""
     cluster, url = scripted
-    cluster.scripts["/api/extra"] = raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokGARBAGE",
-                                        keep=True)
+    cluster.scripts["/api/extra"] = raw(answer, keep=True)
     proxy = await start_proxy(cluster=url)
     async with client.get(proxy.url / "api/extra") as resp:
         assert resp.status == 200 and await resp.read() == b"ok"
-    async with client.get(proxy.url / "api/x") as resp:
+    async with client.post(proxy.url / "api/x") as resp:
         assert resp.status == 200 and await resp.read() == b"ok"
     assert cluster.api("/api/x")[0].connection != cluster.api("/api/extra")[0].connection
 
@@ -329,8 +377,10 @@ async def test_chunked_answer_is_relayed(
     (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok", ""),
     (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
      "switched protocols"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nzzz",
+     "transfer coding 'gzip'"),
 ], ids=["garbage", "huge-field", "many-fields", "huge-head", "length-and-chunked",
-        "two-lengths", "unasked-101"])
+        "two-lengths", "unasked-101", "gzip-transfer-coding"])
 async def test_invalid_answer_gives_502(
     answer: bytes, detail: str, start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL],
     client: aiohttp.ClientSession,
@@ -346,6 +396,54 @@ async def test_invalid_answer_gives_502(
     assert detail in error["detail"] and "valid HTTP/1.1" in error["detail"]
     async with client.get(proxy.url / "api/x") as resp:  # the next request is not affected
         assert resp.status == 200
+
+
+async def test_head_split_across_reads_before_a_large_body(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+) -> None:
+    """A head that arrives in two pieces, the second with a large part of the body: the head
+    limit counts the head, not the body."""
+    cluster, url = scripted
+    body = b"z" * 1_000_000
+
+    async def split(_: Request, writer: asyncio.StreamWriter) -> bool:
+        # 180 KiB of head first (within the 256 KiB limit), then the rest with the body.
+        writer.write(b"HTTP/1.1 200 OK\r\n" + b"".join(
+            b"X-Pad-%d: %b\r\n" % (i, b"p" * 3072) for i in range(60)) + b"X-Last: 1")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        return True
+
+    cluster.scripts["/api/split"] = split
+    proxy = await start_proxy(cluster=url)
+    async with client.get(proxy.url / "api/split") as resp:
+        assert resp.status == 200 and await resp.read() == body
+
+
+async def test_endless_trailer_drops_the_client(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+) -> None:
+    """A chunked answer whose trailer never ends: cut at the head limit (the client's connection
+    is dropped at once), not buffered while the cluster keeps sending."""
+    cluster, url = scripted
+
+    async def endless(_: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"
+                     b"0\r\nX-Trailer: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):  # 4 MiB, far beyond the 256 KiB limit
+                writer.write(b"t" * 65536)
+                await writer.drain()
+            await asyncio.Event().wait()  # and the connection stays open
+        return False
+
+    cluster.scripts["/api/trailer"] = endless
+    proxy = await start_proxy(cluster=url)
+    async with client.get(proxy.url / "api/trailer") as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(resp.read(), 10)
 
 
 async def test_broken_chunk_framing_mid_body_drops_the_client(
@@ -422,3 +520,78 @@ async def test_answer_before_the_upload_ends(
     async with httpx.AsyncClient() as http:
         assert (await http.get(str(proxy.url / "api/x"))).status_code == 200
     assert cluster.api("/api/x")[0].connection != cluster.api("/api/upload")[0].connection
+
+
+async def test_client_leaving_during_the_refresh_after_a_401_frees_the_connection(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL], client: aiohttp.ClientSession,
+) -> None:
+    """--pool-size 1: an upload too large to replay gets a 401; the client leaves while the
+    token is refreshed; the one connection is free again for the next request."""
+    cluster, url = scripted
+    refreshing = asyncio.Event()
+
+    async def refuse(_: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+        return True
+
+    cluster.scripts["/api/upload"] = refuse
+    proxy = await start_proxy(cluster=url, pool_size=1, retry_body_limit=1000, connect_timeout=1)
+    cluster.token_delay = 1.0
+    cluster.on_token = refreshing.set
+    upload = asyncio.ensure_future(client.post(proxy.url / "api/upload", data=b"b" * 5000))
+    await asyncio.wait_for(refreshing.wait(), 5)
+    upload.cancel()  # the client leaves during the refresh
+    with contextlib.suppress(asyncio.CancelledError):
+        await upload
+    cluster.token_delay = 0.0
+    async with client.get(proxy.url / "api/x") as resp:
+        assert resp.status == 200
+
+
+async def test_malformed_request_body_gets_400_and_no_complete_request(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL],
+) -> None:
+    """A chunked upload whose framing breaks: 400 from the proxy, and the cluster never gets
+    a request it could take as complete."""
+    cluster, url = scripted
+    proxy = await start_proxy(cluster=url, read_timeout=5)
+    reader, writer = await asyncio.open_connection(proxy.url.host, proxy.url.port)
+    writer.write(b"POST /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                 b"\r\n5\r\nhello\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the body is on its way to the cluster
+    writer.write(b"ZZZ\r\n")  # not a chunk size
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    assert reply.startswith(b"HTTP/1.1 400")
+    assert cluster.api() == []
+
+
+async def test_requests_that_gave_up_waiting_leave_no_trace_in_the_pool(
+    scripted: tuple[ScriptedCluster, URL],
+) -> None:
+    """A full pool: requests that time out waiting for a connection leave nothing behind."""
+    cluster, url = scripted
+    held = asyncio.Event()
+
+    async def hold(_: Request, writer: asyncio.StreamWriter) -> bool:
+        await held.wait()
+        return await ok()(_, writer)
+
+    cluster.scripts["/api/held"] = hold
+    pool = ClusterPool(url, limit=1, connect_timeout=0.05, read_timeout=5, ssl_context=None)
+    first = asyncio.ensure_future(pool.request("GET", "/api/held", CIMultiDict(), None))
+    await asyncio.sleep(0.05)
+    for _ in range(20):
+        with pytest.raises(aiohttp.ConnectionTimeoutError):
+            await pool.request("GET", "/api/x", CIMultiDict(), None)
+    assert len(pool._waiters) == 0
+    held.set()
+    answer = await first
+    assert await answer.content.readany() == b"ok"
+    answer.release()
+    second = await pool.request("GET", "/api/x", CIMultiDict(), None)
+    assert await second.content.readany() == b"ok"
+    second.release()
+    pool.close()

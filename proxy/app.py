@@ -23,7 +23,7 @@ from .ops import add_routes as add_ops_routes
 from .routing import CatchAll
 from .secret_watch import TokenFileWatcher
 from .tokens import TokenManager, TokenSource
-from .upstream import corporate_proxy, make_session, refuse_redirects
+from .upstream import corporate_proxy, make_session, refuse_redirects, upstream_ssl
 from .websocket import close_websockets
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -53,7 +53,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         app[POOL] = ClusterPool(
             settings.cluster, limit=settings.pool_size, connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
-            ssl_context=pool_ssl(settings.insecure, settings.ca_bundle, settings.cluster.scheme),
+            ssl_context=pool_ssl(settings.cluster.scheme, upstream_ssl(settings)),
         )
     yield
     if POOL in app:

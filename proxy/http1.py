@@ -672,16 +672,16 @@ class ClusterPool:
         self._idle.clear()
 
 
-def pool_ssl(insecure: bool, ca_bundle: Any, scheme: str) -> ssl.SSLContext | None:
-    """The TLS context for an https:// cluster: the system store, `--ca-bundle`, or none checked
-    with `--insecure`; None for http://."""
+def pool_ssl(scheme: str, policy: ssl.SSLContext | bool) -> ssl.SSLContext | None:
+    """The TLS context for an https:// cluster (None for http://), from the policy the aiohttp
+    sessions take (upstream.upstream_ssl): a context, True for the system store, False for no
+    verification (`--insecure`)."""
     if scheme != "https":
         return None
-    if insecure:
-        context = ssl.create_default_context()
+    if isinstance(policy, ssl.SSLContext):
+        return policy
+    context = ssl.create_default_context()
+    if not policy:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        return context
-    if ca_bundle is not None:
-        return ssl.create_default_context(cafile=str(ca_bundle))
-    return ssl.create_default_context()
+    return context

@@ -1,4 +1,5 @@
-"""The one upstream HTTP session: how the proxy connects to the cluster.
+"""The aiohttp sessions to the cluster: the token exchange, WebSocket handshakes, and forwarded
+requests when a corporate proxy stands in between (otherwise http1.py forwards them).
 
 No cookie jar, no decompression, no automatic headers, idle timeouts only (streams may last for
 hours), TLS verified against the system store or `--ca-bundle`, and a corporate proxy taken from

@@ -109,7 +109,7 @@ async def test_untrusted_certificate_on_forwarding_path_says_so(
     up = proxy.app[UPSTREAM]
     object.__setattr__(up, "pool", ClusterPool(
         tls_cluster_url, limit=2, connect_timeout=5, read_timeout=5,
-        ssl_context=pool_ssl(False, None, "https")))
+        ssl_context=pool_ssl("https", True)))
     async with client.get(proxy.url / "api/x") as resp:
         assert resp.status == 502
         assert resp.headers[ERROR_HEADER] == "cluster_tls_untrusted"

@@ -43,6 +43,7 @@ RETRIED = web.RequestKey("retried", bool)
 UPSTREAM_LATENCY = web.RequestKey("upstream_latency", float)
 BYTES_IN = web.RequestKey("bytes_in", int)
 BYTES_OUT = web.RequestKey("bytes_out", int)
+FORWARDED_ID = web.RequestKey("forwarded_id", str)  # the X-Request-ID the cluster got
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +165,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
         # Defence in depth (guard.py refuses these first): the target must never be able to
         # change the authority of the upstream URL.
         return proxy_error(400, "bad_request_target", "the request target must be a path")
-    rid = request_id(request)
+    request[FORWARDED_ID] = rid = request_id(request)
     if hdrs.UPGRADE in request.headers:
         # Imported here because websocket.py builds on this module.
         from .websocket import proxy_websocket, wants_websocket

@@ -12,10 +12,12 @@ from typing import Any, TextIO
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .forward import BYTES_IN, BYTES_OUT, REQUEST_ID, RETRIED, UPSTREAM_LATENCY
+from .forward import BYTES_IN, BYTES_OUT, FORWARDED_ID, REQUEST_ID, RETRIED, UPSTREAM_LATENCY
 from .redact import REDACTOR, mask_query
 
 ACCESS = logging.getLogger("squirro_proxy.access")
+# nginx's status for a request whose client closed the connection before it was answered.
+CLIENT_CLOSED_REQUEST = 499
 # Fields an access record carries, in the order the text format shows them.
 ACCESS_FIELDS = ("method", "path", "status", "bytes", "bytes_in", "duration_ms", "upstream_ms",
                  "retried", "request_id")
@@ -79,25 +81,39 @@ class AccessLogger(AbstractAccessLogger):
         return ACCESS.isEnabledFor(logging.INFO)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        upstream = request.get(UPSTREAM_LATENCY)
-        retried = bool(request.get(RETRIED))
-        fields = {
-            "method": request.method,
-            "path": mask_query(request.raw_path),
-            "status": response.status,
-            "bytes": request.get(BYTES_OUT, response.content_length or 0),
-            "bytes_in": request.get(BYTES_IN, 0),
-            "duration_ms": round(time * 1000, 2),
-            "upstream_ms": round(upstream * 1000, 2) if upstream is not None else None,
-            "retried": retried,
-            "request_id": response.headers.get(REQUEST_ID),
-        }
-        ACCESS.info(
-            "%s %s %s %sB %.1fms%s%s id=%s",
-            fields["method"], fields["path"], fields["status"], fields["bytes"],
-            fields["duration_ms"],
-            f" upstream={fields['upstream_ms']}ms" if upstream is not None else "",
-            " retried-after-401" if retried else "",
-            fields["request_id"] or "-",
-            extra={"event_type": "access", **fields},
-        )
+        _access(request, response.status, request.get(BYTES_OUT, response.content_length or 0),
+                time, response.headers.get(REQUEST_ID))
+
+
+def log_client_gone(request: web.BaseRequest, duration: float) -> None:
+    """The access line for a request whose client left before its answer ended (its handler
+    was cancelled, so aiohttp logs nothing): status 499, as nginx logs it."""
+    if ACCESS.isEnabledFor(logging.INFO):
+        _access(request, CLIENT_CLOSED_REQUEST, request.get(BYTES_OUT, 0), duration,
+                request.get(FORWARDED_ID), " client-went-away")
+
+
+def _access(request: web.BaseRequest, status: int, size: int, duration: float,
+            request_id: str | None, note: str = "") -> None:
+    upstream = request.get(UPSTREAM_LATENCY)
+    retried = bool(request.get(RETRIED))
+    fields = {
+        "method": request.method,
+        "path": mask_query(request.raw_path),
+        "status": status,
+        "bytes": size,
+        "bytes_in": request.get(BYTES_IN, 0),
+        "duration_ms": round(duration * 1000, 2),
+        "upstream_ms": round(upstream * 1000, 2) if upstream is not None else None,
+        "retried": retried,
+        "request_id": request_id,
+    }
+    ACCESS.info(
+        "%s %s %s %sB %.1fms%s%s%s id=%s",
+        fields["method"], fields["path"], fields["status"], fields["bytes"],
+        fields["duration_ms"],
+        f" upstream={fields['upstream_ms']}ms" if upstream is not None else "",
+        " retried-after-401" if retried else "", note,
+        fields["request_id"] or "-",
+        extra={"event_type": "access", **fields},
+    )

@@ -9,6 +9,7 @@ several proxies in one process, as in the tests, keep their numbers apart).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -34,6 +35,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .errors import ERROR_HEADER
 from .forward import BYTES_IN, BYTES_OUT, RETRIED, UPSTREAM_LATENCY
+from .logs import log_client_gone
 from .paths import OPS_PREFIX
 from .redact import mask_query
 from .tokens import TokenSource
@@ -202,6 +204,7 @@ def stats_middleware(stats: RequestStats) -> Middleware:
         request[BYTES_IN] = 0
         status = 0
         response: web.StreamResponse | None = None
+        started = time.monotonic()
         try:
             response = await handler(request)
             status = response.status
@@ -211,6 +214,10 @@ def stats_middleware(stats: RequestStats) -> Middleware:
             raise
         except Exception:
             status = 500  # aiohttp answers an unhandled error with 500
+            raise
+        except asyncio.CancelledError:
+            # The client went away: aiohttp writes no access line for a cancelled handler.
+            log_client_gone(request, time.monotonic() - started)
             raise
         finally:
             stats.in_flight -= 1

@@ -386,6 +386,27 @@ async def test_access_record_for_a_proxy_error(
     assert data["status"] == 503 and data["upstream_ms"] is None and data["retried"] is False
 
 
+async def test_access_record_for_a_client_that_left(
+    start_proxy: StartProxy, cluster: FakeCluster, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that leaves mid-stream still gets its access line: 499, as nginx logs it, with
+    the bytes it was sent and the request id the cluster saw."""
+    caplog.set_level(logging.INFO, logger="squirro_proxy.access")
+    proxy = await start_proxy()
+    async with aiohttp.ClientSession() as client:
+        resp = await client.get(proxy.url / "sse-live")
+        cluster.sse_queue.put_nowait("first")
+        assert await resp.content.readline() == b"data: first\n"
+        returned = resp.headers["X-Request-ID"]
+        resp.close()  # the client leaves; the stream has not ended
+    [record] = await access_records(caplog, 1)
+    data = json.loads(JsonFormatter().format(record))
+    assert data["status"] == 499 and data["request_id"] == returned
+    assert data["bytes"] == len(b"data: first\n\n") and data["upstream_ms"] > 0
+    assert "client-went-away" in TextFormatter().format(record)
+    cluster.sse_queue.put_nowait(None)
+
+
 @pytest.mark.parametrize("fmt", ["json", "text"])
 async def test_cli_log_format(
     cluster_url: URL, tmp_path: Path, client: aiohttp.ClientSession, fmt: str

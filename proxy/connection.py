@@ -125,10 +125,16 @@ class ProxyRequestHandler(RequestHandler):
                 # a request of its own and leaves that body waiting for bytes that never come:
                 # tell the handler reading it, which answers 400 and never completes it upstream.
                 reason = (message.message or "").split("\n", 1)[0].strip().rstrip(":")
-                previous.set_exception(RequestPayloadError(f"malformed ({reason or 'framing'})"))
-                # Nothing more can be read from this connection: no lingering over the rest of
-                # that body (which would raise the same error again) before it is closed.
-                self._lingering_time = 0.0
+                if self._request_in_progress:
+                    previous.set_exception(
+                        RequestPayloadError(f"malformed ({reason or 'framing'})"))
+                    # Nothing more can be read from this connection: no lingering over the rest
+                    # of that body (which would raise the same error again) before it is closed.
+                    self._lingering_time = 0.0
+                else:
+                    # Answered already, and aiohttp lingers over the rest of the body, whose
+                    # reader would take the error for a crash: just close the connection.
+                    self.force_close()
             # After a refusal the parser only repeats its error: stop reading heads.
             self._refused = isinstance(message, _ErrInfo)
         elif new_head and self.transport is not None:

@@ -402,8 +402,13 @@ def _cluster_broke_off(request: web.Request, out: web.StreamResponse, exc: BaseE
                        ) -> web.StreamResponse:
     # The cluster broke off mid-body. Ending the response cleanly would hand the client a
     # truncated body that looks complete: drop the connection instead.
-    log.warning("the cluster broke off the response to %s %s (%s); closing the client "
-                "connection", request.method, request.path, exc.__class__.__name__)
+    if isinstance(exc, RequestBodyBroken):
+        # The answer was under way when the client's own upload broke: not the cluster's doing.
+        log.info("the request body of %s %s broke off (%s) while the answer was under way; "
+                 "closing the client connection", request.method, request.path, exc)
+    else:
+        log.warning("the cluster broke off the response to %s %s (%s); closing the client "
+                    "connection", request.method, request.path, exc.__class__.__name__)
     if request.transport is not None:
         request.transport.abort()
     return out

@@ -231,6 +231,10 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.closed = True
+        if self.transport is not None and self.transport.get_write_buffer_size():
+            # Request bytes still unsent would hold the connection open (and connection_lost
+            # back) until the cluster reads them, which it may never do.
+            self.transport.abort()
         return False  # close the transport: a half-closed cluster connection is no use
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -491,7 +495,7 @@ class _Connection(asyncio.Protocol):
 
     def _drop(self) -> None:
         self._stop_timer()
-        if self.transport is not None and not self.closed:
+        if self.transport is not None:  # also after eof_received: abort may come twice
             self.transport.abort()
         self.closed = True
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -595,3 +596,69 @@ async def test_requests_that_gave_up_waiting_leave_no_trace_in_the_pool(
     assert await second.content.readany() == b"ok"
     second.release()
     pool.close()
+
+
+async def test_half_closed_cluster_with_upload_unsent_ends_the_answer(
+    start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL],
+) -> None:
+    """A cluster that answers an upload early, half-closes and never reads the rest: the
+    answer ends (it ran until the close) and the connection is freed, instead of waiting for
+    the upload bytes to drain."""
+    cluster, url = scripted
+    cluster.answer_before_body.add("/api/up")
+
+    async def refuse(_: Request, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(0.5)  # the upload fills the buffers first
+        writer.write(b"HTTP/1.1 413 Too Large\r\nConnection: close\r\n\r\nbig")
+        await writer.drain()
+        writer.write_eof()  # FIN, but the socket stays open and is never read again
+        await asyncio.Event().wait()
+        return False
+
+    cluster.scripts["/api/up"] = refuse
+    proxy = await start_proxy(cluster=url, pool_size=1, read_timeout=30)
+    reader, writer = await asyncio.open_connection(proxy.url.host, proxy.url.port)
+    size = 64 * 1024 * 1024
+    writer.write(b"POST /api/up HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+                 b"Connection: close\r\n\r\n" % size)
+
+    async def pump() -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(size // 65536):
+                writer.write(b"u" * 65536)
+                await writer.drain()
+
+    uploading = asyncio.ensure_future(pump())
+    reply = await asyncio.wait_for(reader.read(), 10)
+    uploading.cancel()
+    writer.close()
+    # Relayed whole: chunked to the client, since the cluster's answer ran until the close.
+    assert reply.startswith(b"HTTP/1.1 413") and reply.endswith(b"3\r\nbig\r\n0\r\n\r\n")
+    async with httpx.AsyncClient() as http:  # the one pooled connection is free again
+        assert (await http.get(str(proxy.url / "api/x"), timeout=5)).status_code == 200
+
+
+@pytest.mark.parametrize("host", [b"127.0.0.1", b"evil.example"], ids=["cluster-413", "guard-403"])
+async def test_body_breaking_after_the_answer_logs_no_error(
+    host: bytes, start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A chunked body whose framing breaks after the request was answered without it (the
+    cluster's early 413, the guard's refusal): the connection closes, and no error or traceback
+    is logged for the client's mistake."""
+    cluster, url = scripted
+    cluster.answer_before_body.add("/api/up")
+    cluster.scripts["/api/up"] = raw(b"HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\n\r\nbig")
+    proxy = await start_proxy(cluster=url)
+    reader, writer = await asyncio.open_connection(proxy.url.host, proxy.url.port)
+    writer.write(b"POST /api/up HTTP/1.1\r\nHost: %b\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"5\r\nhello\r\n" % host)
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith((b"HTTP/1.1 413", b"HTTP/1.1 403"))
+    await asyncio.sleep(0.2)  # aiohttp now lingers over the rest of the body
+    writer.write(b"ZZZ\r\n")  # not a chunk size
+    await writer.drain()
+    await asyncio.wait_for(reader.read(), 5)  # the connection ends
+    writer.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -182,6 +182,8 @@ class _Connection(asyncio.Protocol):
         self._body_sent = True
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        # Whether the cluster's silence counts: not while it waits for the client's upload.
+        self._cluster_owes = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -316,7 +318,9 @@ class _Connection(asyncio.Protocol):
                         headers, content_length)
         if self._answer is not None and not self._answer.done():
             self._answer.set_result(answer)
-        self._start_timer()  # also when the cluster answers before it has read the whole body
+        # Also when the cluster answers before it has read the whole body.
+        self._cluster_owes = True
+        self._start_timer()
         if self._method == "HEAD":
             self._complete = True
             self._keep_alive = False  # where the head ended in this read is unknown: close
@@ -348,7 +352,8 @@ class _Connection(asyncio.Protocol):
         assert self._parser is not None
         self._complete = True
         self._keep_alive = self._parser.should_keep_alive()
-        self._stop_timer()
+        # The read timer is left to find the answer complete when it fires: cancelling it
+        # here and arming a new one for the next request cost 2% of the CPU per request.
         self._wake_reader()
 
     # --- the body, for forward.py and splice.py ---------------------------------------------------
@@ -410,13 +415,13 @@ class _Connection(asyncio.Protocol):
         self._chunks.clear()
         self._buffered = 0
         self._in_use = True
+        self._last_read = self._loop.time()
         self.transport.write(head)
         if body is None:
-            self._body_sent = True
-            self._last_read = self._loop.time()
+            self._body_sent = self._cluster_owes = True
             self._start_timer()
         else:
-            self._body_sent = False
+            self._body_sent = self._cluster_owes = False
             self._body_task = self._loop.create_task(self._send_body(body, chunked))
         return await answer
 
@@ -454,6 +459,7 @@ class _Connection(asyncio.Protocol):
         if not self._complete and not self.closed:
             # Only now is the cluster's silence the cluster's: until here it waited for us.
             self._last_read = self._loop.time()
+            self._cluster_owes = True
             self._start_timer()
 
     def finish(self, *, reuse: bool) -> None:
@@ -465,7 +471,6 @@ class _Connection(asyncio.Protocol):
         if task is not None and not task.done():
             task.cancel()
             reuse = False
-        self._stop_timer()
         reusable = (reuse and self._complete and self._keep_alive and self._body_sent
                     and not self.closed and not self._paused_for_good and not self._chunks)
         self._parser = None
@@ -515,9 +520,11 @@ class _Connection(asyncio.Protocol):
             self._timer = None
 
     def _check_idle(self) -> None:
-        # Re-armed lazily, from the last read, rather than rescheduled on every packet.
+        # Re-armed lazily, from the last read, rather than rescheduled on every packet (or for
+        # every request on a kept-alive connection).
         self._timer = None
-        if self._complete or self._paused_for_buffer or self._paused_for_good or self.closed:
+        if self._complete or not self._in_use or not self._cluster_owes or \
+                self._paused_for_buffer or self._paused_for_good or self.closed:
             return
         deadline = self._last_read + self._pool.read_timeout
         if self._loop.time() < deadline:

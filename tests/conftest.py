@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import psutil
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -121,9 +119,4 @@ async def procs() -> AsyncIterator[list[ProxyProcess]]:
     started: list[ProxyProcess] = []
     yield started
     for p in started:
-        if p.proc.returncode is None:
-            for child in p.children():
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    child.kill()
-            p.proc.kill()
-            await p.proc.wait()
+        await p.stop()

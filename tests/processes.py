@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import sys
@@ -55,6 +56,21 @@ class ProxyProcess:
             return psutil.Process(self.proc.pid).children()
         except psutil.NoSuchProcess:
             return []
+
+    async def stop(self) -> None:
+        """Kill it and its workers if still running, then read both pipes to their end, which
+        closes them (uvloop reports pipes still open when the test's loop closes)."""
+        if self.proc.returncode is None:
+            for child in self.children():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+            self.proc.kill()
+            await self.proc.wait()
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(5):
+                if self.proc.stdout is not None:
+                    await self.proc.stdout.read()
+                await asyncio.shield(self._reader)
 
     async def finish(self, timeout: float = 15) -> tuple[int, str]:
         async with asyncio.timeout(timeout):

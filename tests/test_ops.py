@@ -41,9 +41,7 @@ async def cli_process(*args: str, env: dict[str, str], cwd: Path
     try:
         yield proc
     finally:
-        if proc.proc.returncode is None:
-            proc.proc.kill()
-            await proc.proc.wait()
+        await proc.stop()
 
 
 # --- liveness and readiness ----------------------------------------------------------------------

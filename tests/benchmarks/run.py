@@ -48,6 +48,7 @@ from .servers import (
     naive_server,
     nginx_server,
     peer_conf,
+    plain_peer_conf,
     squirro_server,
     stop_all,
     upstream_conf,
@@ -97,6 +98,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--loops", default="uvloop,asyncio",
                         help="event loops for the Python proxies (default uvloop,asyncio)")
     parser.add_argument("--no-naive", action="store_true", help="leave out the naive proxy")
+    parser.add_argument("--plain-nginx", action="store_true",
+                        help="also measure nginx-plain, an untuned proxy_pass (no upstream "
+                        "keep-alive), in the small and latency phases")
     parser.add_argument("--naive-large", action="store_true",
                         help="also send 1 GiB through the naive proxy (it holds it in memory)")
     parser.add_argument("--refresh-duration", type=float, default=10.0,
@@ -194,6 +198,9 @@ class Bench:
         up = self.upstream
         out = [self._nginx("nginx", "nginx", lambda port: peer_conf(
             port, up.port, self.tmp, self.body_tmp))]
+        if self.args.plain_nginx:
+            out.append(self._nginx("nginx-plain", "nginx-plain", lambda port: plain_peer_conf(
+                port, up.port, self.tmp, self.body_tmp)))
         for loop in self.args.loops:
             uvloop = loop == "uvloop"
             if not self.args.no_naive:
@@ -297,7 +304,8 @@ class Bench:
         assert self.large is not None
         timeout = 300.0
         for server in order:
-            if server.kind == "naive" and not self.args.naive_large:
+            if (server.kind == "naive" and not self.args.naive_large) or \
+                    server.kind == "nginx-plain":
                 continue
             measured = None if server is self.upstream else server
             down = measure.download(server, measured, timeout)
@@ -418,7 +426,8 @@ def table(values: Values, names: list[str]) -> tuple[list[str], list[list[str]]]
     def cell(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    head = ["", "req/s (32 conn)", "x nginx", "x naive", "p99 ms", "x nginx", "CPU us/req",
+    head = ["", "req/s (32 conn)", "x nginx", "x nginx-plain", "x naive", "p99 ms", "x nginx",
+            "x nginx-plain", "CPU us/req",
             "k instr/req",
             "added ms (1 conn)", "1 GiB down MiB/s", "x nginx", "1 GiB up MiB/s", "x nginx",
             "peak RSS + MiB", "idle RSS MiB", "start-up s"]
@@ -431,11 +440,16 @@ def table(values: Values, names: list[str]) -> tuple[list[str], list[list[str]]]
             name,
             cell(median(values.get((name, "rps"), [])), ".0f"),
             cell(per_round_ratio(values, name, "nginx", "rps"), ".2f"),
+            cell(per_round_ratio(values, name, "nginx-plain", "rps")
+                 if name not in ("direct", "nginx-plain") else None, ".2f"),
             cell(per_round_ratio(values, name, naive_for(name), "rps")
-                 if name not in ("direct", "nginx") and not name.startswith("naive") else None,
+                 if name not in ("direct", "nginx", "nginx-plain") and not name.startswith("naive")
+                 else None,
                  ".2f"),
             cell(median(values.get((name, "p99"), [])), ".2f"),
             cell(per_round_ratio(values, name, "nginx", "p99"), ".2f"),
+            cell(per_round_ratio(values, name, "nginx-plain", "p99")
+                 if name not in ("direct", "nginx-plain") else None, ".2f"),
             cell(median(values.get((name, "cpu_us"), [])), ".0f"),
             cell(median(values.get((name, "kinstr"), [])), ".0f"),
             cell(median(added) if is_proxy and added else None, ".3f"),
@@ -516,7 +530,7 @@ def machine() -> str:
 
 def report(bench: Bench, argv: Sequence[str], started: float, load_before: tuple[float, ...]
            ) -> str:
-    names = ["direct", "nginx"]
+    names = ["direct", "nginx", *(["nginx-plain"] if bench.args.plain_nginx else [])]
     for loop in bench.args.loops:
         suffix = "" if loop == "uvloop" else "-asyncio"
         if not bench.args.no_naive:

@@ -146,6 +146,21 @@ def peer_conf(port: int, upstream_port: int, tmp: Path, body_tmp: Path) -> str:
 """
 
 
+def plain_peer_conf(port: int, upstream_port: int, tmp: Path, body_tmp: Path) -> str:
+    """nginx as a user writes it in five minutes: proxy_pass and the header, nothing tuned
+    (HTTP/1.0 and a new connection to the upstream for every request, nginx's defaults)."""
+    return _nginx_head("plain", tmp, body_tmp) + f"""
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://127.0.0.1:{upstream_port};
+      proxy_set_header Authorization "Bearer {ACCESS_TOKEN}";
+    }}
+  }}
+}}
+"""
+
+
 UVLOOP_BLOCKER = '''\
 """Makes `import uvloop` fail, so the benchmark can run a process on asyncio's own loop."""
 import sys

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -56,11 +57,12 @@ class Upstream:
     tokens: TokenSource
     base: str  # scheme://host[:port]/prefix, without a trailing slash
     pool: ClusterPool | None  # forwards every request when the cluster is reached directly
+    # The cluster URL's path, without a trailing slash: put before every target (worked out
+    # once: yarl's raw_path is no plain attribute).
+    prefix: str = dataclasses.field(init=False)
 
-    @property
-    def prefix(self) -> str:
-        """The cluster URL's path, without a trailing slash: put before every target."""
-        return self.settings.cluster.raw_path.rstrip("/")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", self.settings.cluster.raw_path.rstrip("/"))
 
 
 UPSTREAM = web.AppKey("upstream", Upstream)

@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol, cast
 
+import aiohappyeyeballs
 import aiohttp
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -39,11 +41,16 @@ HIGH_WATER = 256 * 1024
 # A connection idle in the pool longer than this is closed rather than reused: the cluster's
 # server may be closing it at the same moment (nginx's default keep-alive is 75 s).
 IDLE_REUSE = 15.0
+# Seconds before the next address of the cluster's name is tried while one is still connecting.
+HAPPY_EYEBALLS_DELAY = 0.25
 # Methods whose requests may be sent again on a fresh connection when a pooled one turns out to
 # have been closed by the cluster before it read anything (RFC 9110 section 9.2.2).
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 # aiohttp sends `Content-Length: 0` for a body-less request of any other method; so do we.
 _NO_BODY_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE"))
+
+
+AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]  # one entry of getaddrinfo's answer
 
 
 class CannotConnect(aiohttp.ClientConnectionError):
@@ -650,13 +657,27 @@ class ClusterPool:
                 return
         self._busy -= 1
 
+    async def _resolve(self) -> Sequence[AddrInfo]:
+        return await self.loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+
     async def _connect(self, deadline: float) -> _Connection:
         try:
             async with asyncio.timeout_at(deadline):
-                _, conn = await self.loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port, ssl=self._ssl,
-                    server_hostname=self.host if self._ssl is not None else None,
-                )
+                # Happy eyeballs (RFC 8305), as aiohttp's connector does: when the name has
+                # several addresses and the first does not answer (an IPv6 route that drops
+                # packets, say), the next is tried after 250 ms instead of after the first
+                # has timed out. uvloop's create_connection has no such option.
+                sock = await aiohappyeyeballs.start_connection(
+                    await self._resolve(), happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
+                    interleave=1, loop=self.loop)
+                try:
+                    _, conn = await self.loop.create_connection(
+                        lambda: _Connection(self), sock=sock, ssl=self._ssl,
+                        server_hostname=self.host if self._ssl is not None else None,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
         except TimeoutError:
             raise aiohttp.ConnectionTimeoutError(
                 f"no connection to {self.host}:{self.port} in time") from None

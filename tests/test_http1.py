@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -17,9 +18,9 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.http1 import ClusterPool
+from proxy.http1 import AddrInfo, ClusterPool
 from tests.conftest import StartProxy
-from tests.helpers import raw_exchange
+from tests.helpers import raw_exchange, unanswered_port
 
 ERROR_HEADER = "X-Squirro-Proxy-Error"
 TOKEN_PATH = "/api/user/oauth2/token"
@@ -662,3 +663,27 @@ async def test_body_breaking_after_the_answer_logs_no_error(
     await asyncio.wait_for(reader.read(), 5)  # the connection ends
     writer.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_an_address_that_does_not_answer_is_passed_by(
+    scripted: tuple[ScriptedCluster, URL],
+) -> None:
+    """A cluster name with two addresses, the first dropping connection attempts (as a broken
+    IPv6 route does): the second is tried after 250 ms, not after the connect timeout."""
+    _, url = scripted
+
+    class TwoAddresses(ClusterPool):
+        async def _resolve(self) -> list[AddrInfo]:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", hung)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", url.port))]
+
+    with unanswered_port() as hung:
+        pool = TwoAddresses(url, limit=2, connect_timeout=5, read_timeout=5, ssl_context=None)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answer = await pool.request("GET", "/api/x", CIMultiDict(), None)
+        took = loop.time() - started
+        assert await answer.content.readany() == b"ok"
+        answer.release()
+        pool.close()
+    assert took < 2.5

@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import socket
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from proxy.errors import ERROR_HEADER
 from proxy.upstream import make_session
 from tests.conftest import StartProxy, proxy_settings
 from tests.fakes import REFRESH_TOKEN, FakeCluster
-from tests.helpers import closed_port, until
+from tests.helpers import closed_port, unanswered_port, until
 from tests.test_ops import run_check
 
 LOOPBACK = frozenset(("127.0.0.1", "localhost"))
@@ -292,27 +291,6 @@ async def test_no_proxy_bypasses_the_corporate_proxy(
 
 
 # --- timeouts and pool ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def unanswered_port() -> Iterator[int]:
-    """A loopback port whose accept queue is full: connecting hangs, as to a dropped SYN."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = int(listener.getsockname()[1])
-        fillers = []
-        try:
-            for _ in range(3):
-                filler = socket.socket()
-                filler.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    filler.connect(("127.0.0.1", port))
-                fillers.append(filler)
-            yield port
-        finally:
-            for filler in fillers:
-                filler.close()
 
 
 async def test_connect_timeout_setting_bounds_the_connect() -> None:

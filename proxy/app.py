@@ -65,17 +65,14 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    base = str(settings.cluster).rstrip("/")
     shared = app.get(SHARED_TOKENS)
     if shared is not None:  # a worker process: the supervisor owns the life cycle
-        app[UPSTREAM] = Upstream(settings, app[SESSION], app[WS_SESSION], shared, base,
-                                 app.get(POOL))
+        app[UPSTREAM] = Upstream(settings, app[SESSION], app[WS_SESSION], shared, app.get(POOL))
         yield
         return
     tokens = TokenManager.for_settings(app[TOKEN_SESSION], settings)
     app[TOKENS] = tokens
-    app[UPSTREAM] = Upstream(settings, app[SESSION], app[WS_SESSION], tokens, base,
-                             app.get(POOL))
+    app[UPSTREAM] = Upstream(settings, app[SESSION], app[WS_SESSION], tokens, app.get(POOL))
     tokens.start()
     yield
     await tokens.stop()

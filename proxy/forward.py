@@ -55,14 +55,20 @@ class Upstream:
     session: aiohttp.ClientSession  # forwards only through a corporate proxy (pool is None)
     ws_session: aiohttp.ClientSession  # WebSocket handshakes: own pool, redirects refused
     tokens: TokenSource
-    base: str  # scheme://host[:port]/prefix, without a trailing slash
     pool: ClusterPool | None  # forwards every request when the cluster is reached directly
-    # The cluster URL's path, without a trailing slash: put before every target (worked out
-    # once: yarl's raw_path is no plain attribute).
+    # Worked out once from the cluster URL, without a trailing slash (yarl's parts are no plain
+    # attributes): scheme://host[:port]/prefix, and the path put before every target.
+    base: str = dataclasses.field(init=False)
     prefix: str = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "prefix", self.settings.cluster.raw_path.rstrip("/"))
+        cluster = self.settings.cluster
+        object.__setattr__(self, "base", str(cluster).rstrip("/"))
+        object.__setattr__(self, "prefix", cluster.raw_path.rstrip("/"))
+
+    def url(self, raw_target: str) -> URL:
+        """The cluster's URL for a request target (already checked to be a path)."""
+        return URL(self.base + raw_target, encoded=True)
 
 
 UPSTREAM = web.AppKey("upstream", Upstream)
@@ -173,7 +179,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
         from .websocket import proxy_websocket, wants_websocket
 
         if wants_websocket(request):
-            return await proxy_websocket(request, up, URL(up.base + raw, encoded=True), rid)
+            return await proxy_websocket(request, up, up.url(raw), rid)
 
     tee: BodyTee | None = None
     body: AsyncIterator[bytes] | None
@@ -214,7 +220,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
                 with contextlib.suppress(TokenError):
                     await up.tokens.refresh_after_401(token)
     except (TimeoutError, aiohttp.ClientError) as exc:
-        return upstream_failure(exc, URL(up.base + raw, encoded=True), up.settings)
+        return upstream_failure(exc, up.url(raw), up.settings)
     except BaseException:
         # Cancelled (the client left) while an answer was held, during the refresh after a
         # 401: its connection and pool slot must not stay taken.
@@ -226,7 +232,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if tee is not None:
         request[BYTES_IN] = tee.size
     if log.isEnabledFor(logging.DEBUG):
-        _debug_exchange(request, URL(up.base + raw, encoded=True), resp, latency)
+        _debug_exchange(request, up.url(raw), resp, latency)
 
     try:
         out = await _relay(up, request, resp, rid)
@@ -301,7 +307,7 @@ async def _send(
     if up.pool is not None:
         return await up.pool.request(request.method, up.prefix + raw, headers, body)
     return await up.session.request(
-        request.method, URL(up.base + raw, encoded=True), headers=headers, data=body,
+        request.method, up.url(raw), headers=headers, data=body,
         allow_redirects=False,
     )
 

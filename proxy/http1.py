@@ -421,7 +421,6 @@ class _Connection(asyncio.Protocol):
         self._exc = None
         self._chunks.clear()
         self._buffered = 0
-        self._in_use = True
         self._last_read = self._loop.time()
         self.transport.write(head)
         if body is None:
@@ -614,18 +613,22 @@ class ClusterPool:
         else:
             self._busy += 1
         try:
+            conn: _Connection | None = None
             now = self.loop.time()
-            while self._idle and not fresh:
-                conn = self._idle.pop()
-                if not conn.closed and now - conn.idle_since < IDLE_REUSE and \
-                        conn.transport is not None and not conn.transport.is_closing():
-                    conn._in_use = True
-                    return conn
-                conn._drop()
-            return await self._connect(deadline)
+            while self._idle and not fresh and conn is None:
+                candidate = self._idle.pop()
+                if not candidate.closed and now - candidate.idle_since < IDLE_REUSE and \
+                        candidate.transport is not None and not candidate.transport.is_closing():
+                    conn = candidate
+                else:
+                    candidate._drop()
+            if conn is None:
+                conn = await self._connect(deadline)
         except BaseException:
             self._pass_slot()
             raise
+        conn._in_use = True  # it holds the slot now: its finish() gives it back
+        return conn
 
     async def _wait_for_slot(self, deadline: float) -> None:
         waiter = self.loop.create_future()
@@ -686,7 +689,6 @@ class ClusterPool:
         except OSError as exc:
             raise CannotConnect(self.host, self.port, exc) from None
         self._open.add(conn)
-        conn._in_use = True
         return conn
 
     def release(self, conn: _Connection, reusable: bool) -> None:

@@ -43,6 +43,7 @@ from .servers import (
     ROOT,
     Server,
     check_uvloop_blocker,
+    floor_server,
     free_port,
     large_file,
     naive_server,
@@ -101,6 +102,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--plain-nginx", action="store_true",
                         help="also measure nginx-plain, an untuned proxy_pass (no upstream "
                         "keep-alive), in the small and latency phases")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure floor, the least work Python can do to proxy "
+                        "(floor_proxy.py), in the small and latency phases")
     parser.add_argument("--naive-large", action="store_true",
                         help="also send 1 GiB through the naive proxy (it holds it in memory)")
     parser.add_argument("--refresh-duration", type=float, default=10.0,
@@ -201,6 +205,8 @@ class Bench:
         if self.args.plain_nginx:
             out.append(self._nginx("nginx-plain", "nginx-plain", lambda port: plain_peer_conf(
                 port, up.port, self.tmp, self.body_tmp)))
+        if self.args.floor:
+            out.append(floor_server(up, self.blocker))
         for loop in self.args.loops:
             uvloop = loop == "uvloop"
             if not self.args.no_naive:
@@ -305,7 +311,7 @@ class Bench:
         timeout = 300.0
         for server in order:
             if (server.kind == "naive" and not self.args.naive_large) or \
-                    server.kind == "nginx-plain":
+                    server.kind in ("nginx-plain", "floor"):
                 continue
             measured = None if server is self.upstream else server
             down = measure.download(server, measured, timeout)
@@ -530,7 +536,8 @@ def machine() -> str:
 
 def report(bench: Bench, argv: Sequence[str], started: float, load_before: tuple[float, ...]
            ) -> str:
-    names = ["direct", "nginx", *(["nginx-plain"] if bench.args.plain_nginx else [])]
+    names = ["direct", "nginx", *(["nginx-plain"] if bench.args.plain_nginx else []),
+             *(["floor"] if bench.args.floor else [])]
     for loop in bench.args.loops:
         suffix = "" if loop == "uvloop" else "-asyncio"
         if not bench.args.no_naive:

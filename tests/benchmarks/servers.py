@@ -340,6 +340,16 @@ def naive_server(upstream: Server, uvloop: bool, blocker: Path) -> Server:
     )
 
 
+def floor_server(upstream: Server, blocker: Path) -> Server:
+    port = free_port()
+    return Server(
+        "floor", "floor", port,
+        [sys.executable, str(HERE / "floor_proxy.py"), "--upstream", upstream.base,
+         "--port", str(port), "--token", ACCESS_TOKEN],
+        env=python_env(ROOT, True, blocker),
+    )
+
+
 def squirro_server(name: str, path: Path, cluster: str, uvloop: bool, blocker: Path,
                    cwd: Path, extra: Sequence[str] = ()) -> Server:
     port = free_port()

@@ -21,6 +21,7 @@ from proxy.tokens import TokenManager
 from tests.devtools import browser, devtools_url  # noqa: F401 (fixtures for browser tests)
 from tests.fakes import REFRESH_TOKEN, FakeCluster
 from tests.processes import ProxyProcess
+from tests.scripted import scripted  # noqa: F401 (fixture: a cluster of scripted bytes)
 
 
 @dataclasses.dataclass

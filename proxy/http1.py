@@ -112,6 +112,15 @@ class BodyReader(Protocol):
     def read_nowait(self, n: int = -1) -> bytes: ...
 
 
+class AnswerListener(Protocol):
+    """Told about an exchange started with `_Connection.start` (express.py), instead of a
+    coroutine waiting for it. Called from inside the parser's callbacks: keep them short."""
+
+    def answered(self, answer: Answer) -> None: ...  # the head is in (never an interim one)
+    def failed(self, exc: BaseException) -> None: ...  # no head will come
+    def readable(self) -> None: ...  # body bytes, the end, or a failure: `read_nowait` tells
+
+
 class _Stale(aiohttp.ServerDisconnectedError):
     """A pooled connection was closed before the cluster sent a byte: safe to send again."""
 
@@ -181,6 +190,7 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False
         self._exc: BaseException | None = None
         self._reader: asyncio.Future[None] | None = None
+        self._listener: AnswerListener | None = None
         self._paused_for_buffer = False
         self._paused_for_good = False
         self._write_paused = False
@@ -265,6 +275,10 @@ class _Connection(asyncio.Protocol):
             self._exc = error
             if error is not None and self._answer is not None and not self._answer.done():
                 self._answer.set_exception(error)
+            listener = self._listener
+            if error is not None and listener is not None and not self._head_done:
+                self._listener = None
+                listener.failed(error)
         self._wake_reader()
         drainer = self._drainer
         if drainer is not None and not drainer.done():
@@ -325,6 +339,8 @@ class _Connection(asyncio.Protocol):
                         headers, content_length)
         if self._answer is not None and not self._answer.done():
             self._answer.set_result(answer)
+        elif self._listener is not None:
+            self._listener.answered(answer)
         # Also when the cluster answers before it has read the whole body.
         self._cluster_owes = True
         self._start_timer()
@@ -404,16 +420,41 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self._paused_for_buffer:
             self.transport.pause_reading()
 
+    @property
+    def complete(self) -> bool:
+        """The whole answer has arrived (what is buffered is all there is)."""
+        return self._complete
+
     # --- one exchange ---------------------------------------------------------------------------
 
     async def exchange(self, method: str, head: bytes,
                        body: AsyncIterator[bytes] | None, chunked: bool) -> Answer:
+        answer: asyncio.Future[Answer] = self._loop.create_future()
+        self._answer = answer
+        self._begin(method, head)
+        if body is None:
+            self._body_sent = self._cluster_owes = True
+            self._start_timer()
+        else:
+            self._body_sent = self._cluster_owes = False
+            self._body_task = self._loop.create_task(self._send_body(body, chunked))
+        return await answer
+
+    def start(self, method: str, head: bytes, listener: AnswerListener) -> None:
+        """A body-less exchange whose outcome goes to `listener` rather than to a waiting
+        coroutine (express.py). `listener` may hand the exchange over to a coroutine at any
+        point by setting `_listener` to None and reading the answer as `exchange` returns it."""
+        self._answer = None
+        self._listener = listener
+        self._begin(method, head)
+        self._body_sent = self._cluster_owes = True
+        self._start_timer()
+
+    def _begin(self, method: str, head: bytes) -> None:
         assert self.transport is not None and self._parser is None
         self._method = method
         self.exchanges += 1
         self._parser = httptools.HttpResponseParser(self)
-        answer: asyncio.Future[Answer] = self._loop.create_future()
-        self._answer = answer
         self._head_size = self._trailer_size = 0
         self._head_done = self._interim = self._until_eof = self._got_bytes = False
         self._maybe_trailer = False
@@ -423,13 +464,6 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._last_read = self._loop.time()
         self.transport.write(head)
-        if body is None:
-            self._body_sent = self._cluster_owes = True
-            self._start_timer()
-        else:
-            self._body_sent = self._cluster_owes = False
-            self._body_task = self._loop.create_task(self._send_body(body, chunked))
-        return await answer
 
     async def _send_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
         transport = self.transport
@@ -481,6 +515,7 @@ class _Connection(asyncio.Protocol):
                     and not self.closed and not self._paused_for_good and not self._chunks)
         self._parser = None
         self._answer = None
+        self._listener = None
         if reusable:
             self.reused = True
             self.idle_since = self._loop.time()
@@ -501,6 +536,12 @@ class _Connection(asyncio.Protocol):
             self._exc = exc
         if self._answer is not None and not self._answer.done():
             self._answer.set_exception(exc)
+        listener = self._listener
+        if listener is not None and not self._head_done:
+            self._listener = None
+            self._drop()
+            listener.failed(exc)
+            return
         self._wake_reader()
         self._drop()
 
@@ -514,6 +555,8 @@ class _Connection(asyncio.Protocol):
         reader = self._reader
         if reader is not None and not reader.done():
             reader.set_result(None)
+        elif self._listener is not None and self._head_done:
+            self._listener.readable()
 
     def _start_timer(self) -> None:
         if self._timer is None and not self._complete:
@@ -572,7 +615,7 @@ class ClusterPool:
                       body: AsyncIterator[bytes] | None) -> Answer:
         """Send one request (`target` is the raw path and query) and wait for the answer's head."""
         chunked = body is not None and "Content-Length" not in headers
-        head = self._head(method, target, headers, body is not None, chunked)
+        head = self.request_head(method, target, headers, body is not None, chunked)
         deadline = self.loop.time() + self.connect_timeout
         retry = body is None and method in IDEMPOTENT
         fresh = False
@@ -593,7 +636,7 @@ class ClusterPool:
                 conn.finish(reuse=False)
                 raise
 
-    def _head(self, method: str, target: str, headers: CIMultiDict[str], has_body: bool,
+    def request_head(self, method: str, target: str, headers: CIMultiDict[str], has_body: bool,
               chunked: bool) -> bytes:
         lines = [method, " ", target, " HTTP/1.1\r\n", self._host_line]
         for name, value in headers.items():
@@ -613,15 +656,7 @@ class ClusterPool:
         else:
             self._busy += 1
         try:
-            conn: _Connection | None = None
-            now = self.loop.time()
-            while self._idle and not fresh and conn is None:
-                candidate = self._idle.pop()
-                if not candidate.closed and now - candidate.idle_since < IDLE_REUSE and \
-                        candidate.transport is not None and not candidate.transport.is_closing():
-                    conn = candidate
-                else:
-                    candidate._drop()
+            conn = None if fresh else self._pop_idle()
             if conn is None:
                 conn = await self._connect(deadline)
         except BaseException:
@@ -629,6 +664,26 @@ class ClusterPool:
             raise
         conn._in_use = True  # it holds the slot now: its finish() gives it back
         return conn
+
+    def take_idle(self) -> _Connection | None:
+        """An idle connection and its slot, at once, or None (none idle, or no slot free)."""
+        if self._busy >= self.limit or self._waiters:
+            return None
+        conn = self._pop_idle()
+        if conn is not None:
+            self._busy += 1
+            conn._in_use = True
+        return conn
+
+    def _pop_idle(self) -> _Connection | None:
+        now = self.loop.time()
+        while self._idle:
+            candidate = self._idle.pop()
+            if not candidate.closed and now - candidate.idle_since < IDLE_REUSE and \
+                    candidate.transport is not None and not candidate.transport.is_closing():
+                return candidate
+            candidate._drop()
+        return None
 
     async def _wait_for_slot(self, deadline: float) -> None:
         waiter = self.loop.create_future()

@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from .config import Settings
-from .forward import UPSTREAM, Upstream, ensure_request_id, forward
+from .forward import UPSTREAM, Upstream, ensure_request_id, forward, take_up_handover
 from .guard import defer_expect
 from .guard import install as install_guard
 from .http1 import ClusterPool, pool_ssl
@@ -135,8 +135,10 @@ def make_app(settings: Settings, *, shared_tokens: TokenSource | None = None,
     app.cleanup_ctx.append(_token_file_ctx)
     metrics = make_metrics(str(settings.cluster))
     app[METRICS] = metrics
-    # Outermost, so requests the guard refuses are counted too.
+    # Outermost, so requests the guard refuses are counted too; before it, what tells when a
+    # request the express lane began started.
     app.middlewares.insert(0, stats_middleware(metrics.stats))
+    app.middlewares.insert(0, take_up_handover)
     # The /-/ endpoints before the catch-all: that prefix is never forwarded.
     add_ops_routes(app)
     # Host, Origin, client token and target checks run before any handler (and before any body

@@ -24,6 +24,7 @@ whose server builds `ProxyRequestHandler` instead. The CLI serves with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import Any
@@ -43,6 +44,8 @@ from aiohttp.web_response import StreamResponse
 from aiohttp.web_server import Server
 
 from .errors import ERROR_HEADER, proxy_error
+from .express import Express, ExpressLane, Verdict
+from .forward import Handover
 
 log = logging.getLogger("squirro_proxy.connection")
 
@@ -65,13 +68,18 @@ class ProxyRequestHandler(RequestHandler):
     """aiohttp's HTTP/1.1 protocol plus a request-head deadline and JSON parse errors."""
 
     __slots__ = (
-        "_body", "_head_timer", "_header_timeout", "_line_length", "_line_seen", "_line_whole",
-        "_refused",
+        "_body", "_head_timer", "_header_timeout", "_lane", "_line_length", "_line_seen",
+        "_line_whole", "_refused", "handover",
     )
 
-    def __init__(self, manager: Server, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, manager: Server, *, header_timeout: float, express: Express | None,
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
+        # Plain GETs go past aiohttp's web layer while this is set (express.py); an exchange
+        # the lane began and aiohttp's path is to finish waits in `handover`.
+        self._lane = ExpressLane(express, self) if express is not None else None
+        self.handover: Handover | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         # The body of the last request whose head arrived; a new head starts once it has ended.
         self._body: StreamReader | None = None
@@ -91,6 +99,11 @@ class ProxyRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        if self._lane is not None:
+            self._lane.client_gone()
+        if self.handover is not None:
+            self.handover.discard()
+            self.handover = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -98,8 +111,34 @@ class ProxyRequestHandler(RequestHandler):
             self._upgraded or self._payload_parser is not None or self._force_close
             or self._close or self._refused
         ):
+            self._lane = None
             super().data_received(data)
             return
+        lane = self._lane
+        if lane is not None:
+            if lane.busy:
+                lane.hold(data)
+                return
+            if self._aiohttp_idle():
+                verdict = lane.offer(data)
+                if verdict is Verdict.TAKEN:
+                    self._disarm()  # a whole head: no deadline to watch
+                    self._body = None
+                    return
+                if verdict is Verdict.BROKEN:
+                    self._lane = None
+            else:
+                # aiohttp is still at a request: where these bytes end, only its parser knows.
+                self._lane = None
+        self._feed_aiohttp(data)
+
+    def _aiohttp_idle(self) -> bool:
+        """aiohttp has no request queued or under way (its answer included). Its loop may not
+        have come round to wait for the next yet, but has nothing left to do but that: whatever
+        went to its parser was whole requests, or the lane would be closed."""
+        return not self._messages and not self._request_in_progress
+
+    def _feed_aiohttp(self, data: bytes) -> None:
         timer = self._head_timer
         body = self._body
         new_head = timer is None and bool(data) and (body is None or body.is_eof())
@@ -139,6 +178,55 @@ class ProxyRequestHandler(RequestHandler):
             self._refused = isinstance(message, _ErrInfo)
         elif new_head and self.transport is not None:
             self._arm()
+
+    # -- the express lane ------------------------------------------------------------------
+
+    def express_done(self, backlog: bytes) -> None:
+        """The lane answered a request: the connection is idle from now, as after aiohttp's."""
+        if self.transport is None:
+            return
+        close_time = self._loop.time() + self._keepalive_timeout
+        self._next_keepalive_close_time = close_time
+        if self._keepalive_handle is None and self._keepalive_timeout > 0:
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+        if backlog:
+            self.data_received(backlog)
+
+    def hand_over(self, handover: Handover, request: bytes, backlog: bytes) -> None:
+        """The lane leaves its request to aiohttp's path, whose `forward` takes up `handover`."""
+        if self.handover is not None:
+            self.handover.discard()  # never taken up (aiohttp refused that request)
+        self.handover = handover
+        count = self._request_count
+        self._feed_aiohttp(request)
+        if self._request_count == count + 1 and self._messages and \
+                not isinstance(self._messages[-1][0], _ErrInfo):
+            handover.message = self._messages[-1][0]
+        else:
+            self.handover = None
+            handover.discard()
+        if backlog:
+            self._lane = None  # pipelined bytes: only aiohttp's parser knows where they end
+            self._feed_aiohttp(backlog)
+
+    def _process_keepalive(self) -> None:
+        if self._lane is not None and self._lane.busy:
+            # Idle to aiohttp, but the lane is answering: look again a keep-alive later.
+            self._keepalive_handle = self._loop.call_later(
+                self._keepalive_timeout, self._process_keepalive)
+            return
+        super()._process_keepalive()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 aiohttp's
+        lane = self._lane
+        if lane is not None and lane.busy:
+            # As aiohttp's shutdown does first: no new request is read from here on. Then the
+            # lane's request may finish, within the same grace period.
+            self._force_close = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await lane.idle()
+        await super().shutdown(timeout)
 
     def _arm(self) -> None:
         self._disarm()
@@ -210,15 +298,17 @@ class ProxyRequestHandler(RequestHandler):
 class ProxyServer(Server):
     """A `Server` whose connections are `ProxyRequestHandler`s."""
 
-    def __init__(self, base: Server, header_timeout: float) -> None:
+    def __init__(self, base: Server, header_timeout: float, express: Express | None) -> None:
         # Adopt the state aiohttp built for the application (its handler, request factory and
         # handler arguments) rather than rebuilding it by hand.
         self.__dict__.update(vars(base))
         self.header_timeout = header_timeout
+        self.express = express
 
     def __call__(self) -> RequestHandler:
         return ProxyRequestHandler(
-            self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs
+            self, loop=self._loop, header_timeout=self.header_timeout, express=self.express,
+            **self._kwargs,
         )
 
 
@@ -232,4 +322,5 @@ class ProxyAppRunner(web.AppRunner):
         self._header_timeout = header_timeout
 
     async def _make_server(self) -> Server:
-        return ProxyServer(await super()._make_server(), self._header_timeout)
+        server = await super()._make_server()  # the application has started: its parts exist
+        return ProxyServer(server, self._header_timeout, Express.for_app(self._app))

@@ -13,11 +13,12 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import hdrs, web
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from .config import Settings
@@ -33,7 +34,7 @@ from .http1 import (
 )
 from .redact import mask_query
 from .splice import Splicer, can_splice
-from .tokens import TokenError, TokenSource, tls_untrusted_reason
+from .tokens import AccessToken, TokenError, TokenSource, tls_untrusted_reason
 
 log = logging.getLogger("squirro_proxy.forward")
 
@@ -72,6 +73,58 @@ class Upstream:
 
 
 UPSTREAM = web.AppKey("upstream", Upstream)
+
+
+@dataclass(slots=True)
+class Handover:
+    """An exchange the express lane (express.py) began and leaves to `forward` to finish: the
+    request goes through aiohttp as it came, and `forward` takes up the exchange under way
+    instead of sending the request a second time.
+
+    `answer` is the cluster's answer (a 401, or one the lane does not relay itself) and
+    `latency` how long it took; `error` says why none came. Neither: the pooled connection was
+    stale, and the request is sent afresh.
+    """
+
+    rid: str
+    token: AccessToken
+    started: float  # monotonic: when the lane took the request (the access log counts from it)
+    answer: ClusterAnswer | None = None
+    latency: float | None = None
+    error: BaseException | None = None
+    message: object = None  # aiohttp's parsed request it belongs to (identity is the key)
+
+    def claim(self) -> tuple[ClusterAnswer | None, BaseException | None]:
+        """The answer or the error, now the caller's to release or raise."""
+        answer, error = self.answer, self.error
+        self.answer = self.error = None
+        return answer, error
+
+    def discard(self) -> None:
+        """Nobody took it up (the guard refused the request, or the client left first)."""
+        if self.answer is not None:
+            self.answer.close()
+            self.answer = None
+
+
+HANDOVER = web.RequestKey("handover", Handover)
+
+
+@web.middleware
+async def take_up_handover(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Outermost middleware: the exchange the express lane began for this very request, if it
+    began one, goes on the request for `forward`, the metrics and the access log."""
+    handover: Handover | None = getattr(request.protocol, "handover", None)
+    if handover is None or handover.message is not request._message:
+        return await handler(request)
+    request.protocol.handover = None  # type: ignore[attr-defined]  # ProxyRequestHandler
+    request[HANDOVER] = handover
+    try:
+        return await handler(request)
+    finally:
+        handover.discard()
 
 
 class _HeadersWithBody(web.StreamResponse):
@@ -152,7 +205,11 @@ os.register_at_fork(after_in_child=_new_id_prefix)
 
 def request_id(request: web.BaseRequest) -> str:
     """Keep a well-formed incoming X-Request-ID, otherwise make one (24 hex digits)."""
-    incoming = request.headers.get(REQUEST_ID)
+    return request_id_of(request.headers)
+
+
+def request_id_of(headers: CIMultiDictProxy[str]) -> str:
+    incoming = headers.get(REQUEST_ID)
     if incoming and len(incoming) <= 128 and _REQUEST_ID_OK.issuperset(incoming):
         return incoming
     return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
@@ -162,7 +219,8 @@ async def ensure_request_id(request: web.Request, response: web.StreamResponse) 
     """`on_response_prepare` hook: the proxy's own answers (refusals, 502/503/504, /-/ pages)
     carry an X-Request-ID too, so a user can quote it whatever answered."""
     if REQUEST_ID not in response.headers:
-        response.headers[REQUEST_ID] = request_id(request)
+        # The id the cluster got, when the request got that far (a 502 after it was sent).
+        response.headers[REQUEST_ID] = request.get(FORWARDED_ID) or request_id(request)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -173,7 +231,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
         # Defence in depth (guard.py refuses these first): the target must never be able to
         # change the authority of the upstream URL.
         return proxy_error(400, "bad_request_target", "the request target must be a path")
-    request[FORWARDED_ID] = rid = request_id(request)
+    handover = request.get(HANDOVER)
+    request[FORWARDED_ID] = rid = handover.rid if handover is not None else request_id(request)
     if hdrs.UPGRADE in request.headers:
         # Imported here because websocket.py builds on this module.
         from .websocket import proxy_websocket, wants_websocket
@@ -193,15 +252,21 @@ async def forward(request: web.Request) -> web.StreamResponse:
     else:
         body = None
 
+    resp, error = handover.claim() if handover is not None else (None, None)
+    latency = handover.latency if resp is not None and handover is not None else None
+    if handover is not None and (resp is not None or error is not None):
+        token, started = handover.token, handover.started
+    else:
+        try:
+            token = await up.tokens.token()
+        except TokenError as exc:
+            return token_error(exc)
+        started = time.monotonic()
     try:
-        token = await up.tokens.token()
-    except TokenError as exc:
-        return token_error(exc)
-
-    started = time.monotonic()
-    resp: ClusterAnswer | None = None
-    try:
-        resp = await _send(up, request, raw, token.value, body, rid)
+        if error is not None:
+            raise error
+        if resp is None:
+            resp = await _send(up, request, raw, token.value, body, rid)
         if resp.status == 401:
             if body is None or (tee is not None and not tee.overflow):
                 resp.release()
@@ -212,7 +277,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
                     return token_error(exc)
                 request[RETRIED] = True
                 body = tee.replay() if tee is not None else None
-                started = time.monotonic()
+                started, latency = time.monotonic(), None
                 resp = await _send(up, request, raw, token.value, body, rid)
             else:
                 # The streamed body is gone and cannot be sent again: the client gets the 401,
@@ -228,7 +293,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
             resp.close()
         raise
     assert resp is not None
-    request[UPSTREAM_LATENCY] = latency = time.monotonic() - started
+    if latency is None:
+        latency = time.monotonic() - started
+    request[UPSTREAM_LATENCY] = latency
     if tee is not None:
         request[BYTES_IN] = tee.size
     if log.isEnabledFor(logging.DEBUG):

@@ -35,6 +35,7 @@ from urllib.parse import unquote
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
+from multidict import CIMultiDictProxy
 
 from .config import Settings
 from .errors import proxy_error
@@ -245,9 +246,16 @@ class Guard:
             self._host_cache[host] = allowed
         return allowed
 
+    @property
+    def wants_client_token(self) -> bool:
+        return self._token_digest is not None
+
     def token_ok(self, request: web.BaseRequest) -> bool:
+        return self.client_token_ok(request.headers)
+
+    def client_token_ok(self, headers: CIMultiDictProxy[str]) -> bool:
         assert self._token_digest is not None
-        sent = token_from_authorization(request.headers.getall(hdrs.AUTHORIZATION, []))
+        sent = token_from_authorization(headers.getall(hdrs.AUTHORIZATION, []))
         # Hash first: compare_digest then compares equal lengths, so not even the length leaks.
         digest = hashlib.sha256(sent if sent is not None else b"\0").digest()
         return hmac.compare_digest(digest, self._token_digest) and sent is not None
@@ -393,6 +401,9 @@ class Guard:
             headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = ", ".join(exposed)
 
 
+GUARD = web.AppKey("guard", Guard)
+
+
 def _refuse(
     request: web.BaseRequest,
     status: int,
@@ -429,6 +440,7 @@ async def defer_expect(request: web.Request) -> None:
 def install(app: web.Application, settings: Settings) -> Guard:
     """Add the guard's middleware (and, with CORS origins, its response hook) to `app`."""
     guard = Guard(settings)
+    app[GUARD] = guard
     app.middlewares.append(guard.middleware)
     if guard.cors_origins:
         app.on_response_prepare.append(guard.add_cors_headers)

@@ -7,12 +7,21 @@ import json
 import logging
 import sys
 import time
+from time import monotonic
 from typing import Any, TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .forward import BYTES_IN, BYTES_OUT, FORWARDED_ID, REQUEST_ID, RETRIED, UPSTREAM_LATENCY
+from .forward import (
+    BYTES_IN,
+    BYTES_OUT,
+    FORWARDED_ID,
+    HANDOVER,
+    REQUEST_ID,
+    RETRIED,
+    UPSTREAM_LATENCY,
+)
 from .redact import REDACTOR, mask_query
 
 ACCESS = logging.getLogger("squirro_proxy.access")
@@ -81,7 +90,10 @@ class AccessLogger(AbstractAccessLogger):
         return ACCESS.isEnabledFor(logging.INFO)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        _access(request, response.status, request.get(BYTES_OUT, response.content_length or 0),
+        handover = request.get(HANDOVER)
+        if handover is not None:  # the request began in the express lane: count from there
+            time = monotonic() - handover.started
+        access_line(request, response.status, request.get(BYTES_OUT, response.content_length or 0),
                 time, response.headers.get(REQUEST_ID))
 
 
@@ -89,11 +101,11 @@ def log_client_gone(request: web.BaseRequest, duration: float) -> None:
     """The access line for a request whose client left before its answer ended (its handler
     was cancelled, so aiohttp logs nothing): status 499, as nginx logs it."""
     if ACCESS.isEnabledFor(logging.INFO):
-        _access(request, CLIENT_CLOSED_REQUEST, request.get(BYTES_OUT, 0), duration,
+        access_line(request, CLIENT_CLOSED_REQUEST, request.get(BYTES_OUT, 0), duration,
                 request.get(FORWARDED_ID), " client-went-away")
 
 
-def _access(request: web.BaseRequest, status: int, size: int, duration: float,
+def access_line(request: web.BaseRequest, status: int, size: int, duration: float,
             request_id: str | None, note: str = "") -> None:
     upstream = request.get(UPSTREAM_LATENCY)
     retried = bool(request.get(RETRIED))

@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .errors import ERROR_HEADER
-from .forward import BYTES_IN, BYTES_OUT, RETRIED, UPSTREAM_LATENCY
+from .forward import BYTES_IN, BYTES_OUT, HANDOVER, RETRIED, UPSTREAM_LATENCY
 from .logs import log_client_gone
 from .paths import OPS_PREFIX
 from .redact import mask_query
@@ -204,7 +204,8 @@ def stats_middleware(stats: RequestStats) -> Middleware:
         request[BYTES_IN] = 0
         status = 0
         response: web.StreamResponse | None = None
-        started = time.monotonic()
+        handover = request.get(HANDOVER)
+        started = handover.started if handover is not None else time.monotonic()
         try:
             response = await handler(request)
             status = response.status

@@ -270,7 +270,7 @@ class Bench:
 
     def instructions(self) -> None:
         for server in self.contenders():
-            if server.kind not in ("squirro", "naive"):
+            if server.kind not in ("squirro", "naive", "floor"):
                 continue
             out = self.tmp / f"callgrind-{server.name}.out"
             server.argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",

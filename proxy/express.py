@@ -1,0 +1,420 @@
+"""The express lane: plain GET requests served without aiohttp's web layer.
+
+Why: under load, aiohttp's server side (its parser, request objects, dispatch, middlewares and
+response writer) took about 40% of the proxy's CPU per request (py-spy, 2026-11-29), and a proxy
+that does nothing but parse, add the bearer header and copy the answer back (the benchmark's
+`floor`) keeps pace with nginx on the same machine. The lane does that work for the requests most
+clients send most of the time, with the proxy's own rules, and nothing else.
+
+What takes the lane, decided from the bytes before anything is sent: one whole request in one
+read, `GET`, HTTP/1.1, a path outside `/-/` that the guard's rules let through, a Host the proxy
+answers to, no body, no Origin, Upgrade, Expect or cross-site Sec-Fetch-Site, within the head
+limits; with a valid access token at hand and an idle pooled connection to the cluster. Every
+other request goes to aiohttp, whole, as it came, and the next may take the lane again. Bytes
+that are not exactly one request (half a head, pipelined requests) go to aiohttp too, and the
+connection stays there: only aiohttp's parser knows where its messages end then.
+
+What the lane relays itself: an answer of known length up to HIGH_WATER (not 401, 204 or 304),
+its head and body in one write. Every other outcome is handed over (`forward.Handover`): the
+request goes to aiohttp after all, and `forward` takes up the exchange already under way, so a
+401's refresh and retry, a failure's JSON error, a stream or a spliced download, each have their
+one implementation in forward.py. The answer to the client is the same either way, byte for
+byte: the same header rules, request id, access line and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import httptools
+from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_writer import _serialize_headers
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .forward import (
+    BYTES_IN,
+    BYTES_OUT,
+    FORWARDED_ID,
+    REQUEST_ID,
+    RETRIED,
+    UPSTREAM,
+    UPSTREAM_LATENCY,
+    Handover,
+    Upstream,
+    request_id_of,
+)
+from .forward import log as forward_log
+from .guard import GUARD, Guard, target_problem
+from .headers import client_response_headers, upstream_request_headers
+from .http1 import HIGH_WATER, Answer, ClusterPool, _Connection, _Stale
+from .logs import ACCESS, access_line, log_client_gone
+from .metrics import METRICS, RequestStats
+from .paths import OPS_PREFIX
+from .tokens import AccessToken
+
+if TYPE_CHECKING:
+    from .connection import ProxyRequestHandler
+
+log = logging.getLogger("squirro_proxy.express")
+
+# Request headers that send a request to aiohttp (lower case): they ask for what only the full
+# path does (a body, an upgrade, 100-continue, a CORS decision).
+_NOT_EXPRESS = frozenset((
+    b"content-length", b"transfer-encoding", b"upgrade", b"expect", b"origin", b"te",
+))
+_CROSS_SITE = frozenset(("cross-site", "same-site"))
+# Backlog (pipelined bytes) held while a request is under way before the client is paused.
+_BACKLOG_PAUSE = 1024 * 1024
+
+
+class Verdict(enum.Enum):
+    TAKEN = "taken"  # the lane serves it
+    WHOLE = "whole"  # one whole request the lane does not serve: aiohttp's, lane still open
+    BROKEN = "broken"  # not one whole request: aiohttp's, and the lane is closed for good
+
+
+@dataclass(frozen=True, slots=True)
+class Express:
+    """What every lane of an application shares, built once when the server starts."""
+
+    upstream: Upstream
+    pool: ClusterPool
+    guard: Guard
+    stats: RequestStats
+    head_limit: int  # bytes: a head this short is within every one of aiohttp's limits
+    max_headers: int
+
+    @classmethod
+    def for_app(cls, app: web.Application) -> Express | None:
+        """None when some setting asks for what only the full path does."""
+        up = app[UPSTREAM]
+        guard = app[GUARD]
+        settings = up.settings
+        if up.pool is None or guard.cors_origins or not guard.allow.empty or \
+                not guard.deny.empty:
+            return None
+        return cls(up, up.pool, guard, app[METRICS].stats,
+                   min(settings.max_line_size, settings.max_field_size), settings.max_headers)
+
+
+class Record(dict[object, object]):
+    """What the access log and the metrics read of a request (web.Request's keys and the two
+    attributes they use), for a request that never became one."""
+
+    __slots__ = ("method", "raw_path")
+
+    def __init__(self, method: str, raw_path: str) -> None:
+        super().__init__()
+        self.method = method
+        self.raw_path = raw_path
+
+
+class ExpressLane:
+    """One client connection's lane; `ProxyRequestHandler` offers it every read."""
+
+    __slots__ = (
+        "_answer",
+        "_backlog",
+        "_backlog_size",
+        "_begins",
+        "_chunk",
+        "_conn",
+        "_ends",
+        "_fields",
+        "_handler",
+        "_head",
+        "_host",
+        "_idle_waiter",
+        "_keep_alive",
+        "_parser",
+        "_reason",
+        "_record",
+        "_sent",
+        "_shape_ok",
+        "_started",
+        "_status",
+        "_token",
+        "_url",
+        "_version",
+        "busy",
+        "express",
+    )
+
+    def __init__(self, express: Express, handler: ProxyRequestHandler) -> None:
+        self.express = express
+        self._handler = handler
+        self._parser = httptools.HttpRequestParser(self)
+        self.busy = False
+        self._backlog: list[bytes] = []
+        self._backlog_size = 0
+        self._idle_waiter: asyncio.Future[None] | None = None
+        self._reset_parse()
+        self._clear()
+
+    def _reset_parse(self) -> None:
+        self._begins = self._ends = 0
+        self._url = b""
+        self._fields: list[tuple[str, str]] = []
+        self._shape_ok = True
+        self._host: str | None = None
+        self._version = ""
+        self._keep_alive = False
+
+    def _clear(self) -> None:
+        self._chunk = b""
+        self._conn: _Connection | None = None
+        self._answer: Answer | None = None
+        self._record: Record | None = None
+        self._head: bytes | None = None
+        self._status = 0
+        self._reason = ""
+        self._sent = 0
+        self._started = 0.0
+        self._token: AccessToken | None = None
+
+    # --- the request's bytes ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._begins += 1
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname in _NOT_EXPRESS:
+            self._shape_ok = False
+        text = value.decode("utf-8", "surrogateescape")
+        if lname == b"host":
+            if self._host is not None:
+                self._shape_ok = False  # two Hosts: aiohttp's parser refuses it (400)
+            self._host = text
+        elif (lname == b"connection" and text.strip().lower() != "keep-alive") or (
+                lname == b"sec-fetch-site" and text in _CROSS_SITE):
+            self._shape_ok = False  # closes after the answer; a cross-site page: the guard's
+        # As aiohttp decodes them: bytes that are no UTF-8 survive the way on unchanged.
+        self._fields.append((name.decode("utf-8", "surrogateescape"), text))
+
+    def on_headers_complete(self) -> None:
+        self._version = self._parser.get_http_version()
+        self._keep_alive = self._parser.should_keep_alive()
+
+    def on_message_complete(self) -> None:
+        self._ends += 1
+
+    # --- taking a request ---------------------------------------------------------------------
+
+    def offer(self, data: bytes) -> Verdict:
+        """Serve `data` if it is one whole request the lane takes; otherwise say whose it is."""
+        self._reset_parse()
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp's to judge
+            return Verdict.BROKEN
+        if self._begins != 1 or self._ends != 1:
+            return Verdict.BROKEN
+        express = self.express
+        if (
+            not self._shape_ok or self._parser.get_method() != b"GET" or self._version != "1.1"
+            or not self._keep_alive or self._host is None or len(data) > express.head_limit
+            or len(self._fields) > express.max_headers
+            or forward_log.isEnabledFor(logging.DEBUG)  # --log-level debug: forward.py logs
+        ):
+            return Verdict.WHOLE
+        raw = self._url.decode("utf-8", "surrogateescape")
+        guard = express.guard
+        if raw.startswith(OPS_PREFIX) or target_problem(raw) is not None or \
+                not guard.host_allowed(self._host):
+            return Verdict.WHOLE
+        incoming = CIMultiDictProxy(CIMultiDict(self._fields))
+        if guard.wants_client_token and not guard.client_token_ok(incoming):
+            return Verdict.WHOLE
+        up = express.upstream
+        token = up.tokens.current
+        if token is None or not token.valid(time.monotonic()):
+            return Verdict.WHOLE  # aiohttp's path waits for it, or says why there is none
+        conn = express.pool.take_idle()
+        if conn is None:
+            return Verdict.WHOLE  # aiohttp's path waits for a slot or connects
+        rid = request_id_of(incoming)
+        settings = up.settings
+        headers = upstream_request_headers(
+            incoming, token.value, forward_cookies=settings.forward_cookies,
+            extra=((REQUEST_ID, rid),),
+        )
+        record = Record("GET", raw)
+        record[RETRIED] = False
+        record[BYTES_IN] = 0
+        record[FORWARDED_ID] = rid
+        self.busy = True
+        self._chunk = data
+        self._conn = conn
+        self._record = record
+        self._token = token
+        self._started = time.monotonic()
+        express.stats.in_flight += 1
+        conn.start("GET", express.pool.request_head("GET", up.prefix + raw, headers, False, False),
+                   self)
+        return Verdict.TAKEN
+
+    def hold(self, data: bytes) -> None:
+        """Bytes that came while a request is under way (pipelined): kept for after it."""
+        self._backlog.append(data)
+        self._backlog_size += len(data)
+        transport = self._handler.transport
+        if self._backlog_size > _BACKLOG_PAUSE and transport is not None:
+            transport.pause_reading()
+
+    # --- the answer (called from the cluster connection's parser) ------------------------------
+
+    def answered(self, answer: Answer) -> None:
+        record = self._record
+        assert record is not None
+        record[UPSTREAM_LATENCY] = latency = time.monotonic() - self._started
+        status = answer.status
+        length = answer.content_length
+        if status in (401, 204, 304) or length is None or length > HIGH_WATER:
+            self._hand_over(answer=answer, latency=latency)
+            return
+        settings = self.express.upstream.settings
+        headers = client_response_headers(
+            answer.headers, cluster=settings.cluster, proxy_base=f"http://{self._host}",
+            forward_cookies=settings.forward_cookies,
+        )
+        headers[REQUEST_ID] = str(record[FORWARDED_ID])
+        # What aiohttp's StreamResponse adds when it prepares the same headers.
+        if length:
+            headers.setdefault("Content-Type", "application/octet-stream")
+        if "Date" not in headers:
+            headers["Date"] = rfc822_formatted_time()
+        headers.setdefault("Server", SERVER_SOFTWARE)
+        self._head = _serialize_headers(f"HTTP/1.1 {status} {answer.reason}", headers)
+        self._answer = answer
+        self._status = status
+        self._reason = answer.reason
+
+    def failed(self, exc: BaseException) -> None:
+        conn = self._conn
+        assert conn is not None
+        conn.finish(reuse=False)
+        # A stale pooled connection: aiohttp's path sends the request afresh, as the pool would.
+        self._hand_over(error=None if isinstance(exc, _Stale) else exc)
+
+    def readable(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        if self._answer is None:
+            return  # handed over: forward.py reads the body
+        try:
+            data = conn.read_nowait()
+        except Exception as exc:  # the cluster broke off, or went silent: see forward.py
+            self._broke_off(exc)
+            return
+        transport = self._handler.transport
+        if transport is None:
+            return  # the client has gone: client_gone() ends the request
+        head = self._head
+        if head is not None:
+            self._head = None
+            transport.write(head + data)
+        elif data:
+            transport.write(data)
+        self._sent += len(data)
+        if conn.complete:
+            answer = self._answer
+            answer.release()
+            self._finish(self._status)
+
+    def _broke_off(self, exc: BaseException) -> None:
+        # As forward.py's _cluster_broke_off: a truncated body must not look complete.
+        record = self._record
+        assert record is not None and self._answer is not None
+        log.warning("the cluster broke off the response to GET %s (%s); closing the client "
+                    "connection", record.raw_path.partition("?")[0], exc.__class__.__name__)
+        self._answer.close()
+        transport = self._handler.transport
+        if transport is not None:
+            transport.abort()
+        self._finish(self._status)
+
+    # --- the end of a request -------------------------------------------------------------------
+
+    def client_gone(self) -> None:
+        """The client's connection closed while its request was under way."""
+        if not self.busy:
+            return
+        if self._answer is not None:
+            self._answer.close()
+        elif self._conn is not None:
+            self._conn.finish(reuse=False)
+        record = self._record
+        assert record is not None
+        record[BYTES_OUT] = self._sent
+        stats = self.express.stats
+        stats.in_flight -= 1
+        stats.finish(_as_request(record), 0, None)
+        log_client_gone(_as_request(record), time.monotonic() - self._started)
+        self._settle()
+
+    def _finish(self, status: int) -> None:
+        record = self._record
+        assert record is not None
+        record[BYTES_OUT] = self._sent
+        stats = self.express.stats
+        stats.in_flight -= 1
+        # The cluster's 5xx goes on the status page with its reason, as forward.py's do.
+        answer = web.StreamResponse(status=status, reason=self._reason) if status >= 500 else None
+        stats.finish(_as_request(record), status, answer)
+        if ACCESS.isEnabledFor(logging.INFO):
+            access_line(_as_request(record), status, self._sent,
+                        time.monotonic() - self._started, str(record[FORWARDED_ID]))
+        self._settle()
+        self._handler.express_done(self._take_backlog())
+
+    def _hand_over(self, *, answer: Answer | None = None, latency: float | None = None,
+                   error: BaseException | None = None) -> None:
+        conn = self._conn
+        assert conn is not None and self._record is not None and self._token is not None
+        conn._listener = None  # from here on the answer is read as forward.py reads it
+        handover = Handover(str(self._record[FORWARDED_ID]), self._token, self._started,
+                            answer, latency, error)
+        self.express.stats.in_flight -= 1  # counted again by aiohttp's path
+        chunk = self._chunk
+        self._settle()
+        self._handler.hand_over(handover, chunk, self._take_backlog())
+
+    def _settle(self) -> None:
+        self.busy = False
+        self._clear()
+        waiter = self._idle_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._idle_waiter = None
+
+    def _take_backlog(self) -> bytes:
+        data = b"".join(self._backlog)
+        if self._backlog_size > _BACKLOG_PAUSE and self._handler.transport is not None:
+            self._handler.transport.resume_reading()
+        self._backlog.clear()
+        self._backlog_size = 0
+        return data
+
+    async def idle(self) -> None:
+        """Until the request under way has ended (graceful shutdown waits for it)."""
+        if self.busy:
+            if self._idle_waiter is None:
+                self._idle_waiter = asyncio.get_running_loop().create_future()
+            await self._idle_waiter
+
+
+def _as_request(record: Record) -> web.Request:
+    """A Record stands in for the web.Request the access log and the metrics read: they use
+    its `method`, `raw_path` and keys, and nothing else."""
+    return cast(web.Request, record)

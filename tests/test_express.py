@@ -181,6 +181,27 @@ async def test_other_requests_take_the_full_path(lane: Served, request_bytes: by
     assert head.startswith(b"HTTP/1.")
 
 
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    (b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\nSec-Fetch-Site: cross-site \r\n\r\n", 403),
+    (b"GET /api/x HTTP/1.1\r\nHost: evil.example  \r\n\r\n", 403),
+    (b"GET /api/%2e%2e/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    (b"GET //evil.example/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    (b"GET /api/x HTTP/1.1\r\n\r\n", 400),
+], ids=["cross-site-with-space", "foreign-host-with-space", "encoded-dots", "host-in-path",
+        "no-host"])
+async def test_what_the_guard_refuses_never_reaches_the_cluster(
+    scripted: tuple[ScriptedCluster, URL], lane: Served, request_bytes: bytes, status: int
+) -> None:
+    """Header values are judged as aiohttp's parser hands them over (trailing spaces gone):
+    the guard's refusal, and the cluster sees nothing."""
+    cluster, _ = scripted
+    await warm(lane.url)
+    seen = len(cluster.api())
+    answer = await exchange(lane.url, request_bytes)
+    assert answer.split(b"\r\n")[0].split(b" ")[1] == b"%d" % status, answer[:200]
+    assert len(cluster.api()) == seen
+
+
 async def test_the_lane_opens_again_after_the_full_path(
     scripted: tuple[ScriptedCluster, URL], lane: Served
 ) -> None:

@@ -62,14 +62,17 @@ TIMEOUT_RESPONSE = (
     b"Content-Length: " + str(len(_TIMEOUT_BODY)).encode() + b"\r\n\r\n" + _TIMEOUT_BODY
 )
 TOO_MANY_HEADERS = "Too many headers received"
+# Turns of the loop bytes may wait for aiohttp to come round between two requests (two are
+# enough: its request task ends, then its loop waits for the next).
+_MAX_DEFERRALS = 3
 
 
 class ProxyRequestHandler(RequestHandler):
     """aiohttp's HTTP/1.1 protocol plus a request-head deadline and JSON parse errors."""
 
     __slots__ = (
-        "_body", "_head_timer", "_header_timeout", "_lane", "_line_length", "_line_seen",
-        "_line_whole", "_refused", "handover",
+        "_body", "_closing", "_deferrals", "_deferred", "_head_timer", "_header_timeout", "_lane",
+        "_line_length", "_line_seen", "_line_whole", "_refused", "handover",
     )
 
     def __init__(self, manager: Server, *, header_timeout: float, express: Express | None,
@@ -80,6 +83,11 @@ class ProxyRequestHandler(RequestHandler):
         # the lane began and aiohttp's path is to finish waits in `handover`.
         self._lane = ExpressLane(express, self) if express is not None else None
         self.handover: Handover | None = None
+        # Bytes held for one turn of the loop while aiohttp moves between two requests.
+        self._deferred: list[bytes] | None = None
+        self._deferrals = 0
+        # A stop began while the lane was answering: aiohttp's close() waits for the lane.
+        self._closing = False
         self._head_timer: asyncio.TimerHandle | None = None
         # The body of the last request whose head arrived; a new head starts once it has ended.
         self._body: StreamReader | None = None
@@ -107,6 +115,14 @@ class ProxyRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        lane = self._lane
+        if lane is not None and lane.busy:
+            if not self._closing:  # after a stop began, new requests are dropped, as aiohttp's
+                lane.hold(data)
+            return
+        if self._deferred is not None:
+            self._deferred.append(data)  # behind bytes already waiting: order is all
+            return
         if (
             self._upgraded or self._payload_parser is not None or self._force_close
             or self._close or self._refused
@@ -114,12 +130,13 @@ class ProxyRequestHandler(RequestHandler):
             self._lane = None
             super().data_received(data)
             return
-        lane = self._lane
         if lane is not None:
-            if lane.busy:
-                lane.hold(data)
-                return
-            if self._aiohttp_idle():
+            if self._messages or self._request_in_progress:
+                # aiohttp is at a request: where these bytes end, only its parser knows.
+                self._lane = None
+            elif self._waiter is not None or self._request_count == 0:
+                # aiohttp waits for the next request (or has yet to see the first).
+                self._deferrals = 0
                 verdict = lane.offer(data)
                 if verdict is Verdict.TAKEN:
                     self._disarm()  # a whole head: no deadline to watch
@@ -127,16 +144,24 @@ class ProxyRequestHandler(RequestHandler):
                     return
                 if verdict is Verdict.BROKEN:
                     self._lane = None
+            elif self._deferrals < _MAX_DEFERRALS:
+                # Between two of aiohttp's requests: it has answered one and is about to wait
+                # for the next, or has taken the next off its queue and not yet begun it. Ask
+                # again once its loop has moved on.
+                self._deferrals += 1
+                self._deferred = [data]
+                self._loop.call_soon(self._offer_deferred)
+                return
             else:
-                # aiohttp is still at a request: where these bytes end, only its parser knows.
                 self._lane = None
+        self._deferrals = 0
         self._feed_aiohttp(data)
 
-    def _aiohttp_idle(self) -> bool:
-        """aiohttp has no request queued or under way (its answer included). Its loop may not
-        have come round to wait for the next yet, but has nothing left to do but that: whatever
-        went to its parser was whole requests, or the lane would be closed."""
-        return not self._messages and not self._request_in_progress
+    def _offer_deferred(self) -> None:
+        data = b"".join(self._deferred or ())
+        self._deferred = None
+        if self.transport is not None and data:
+            self.data_received(data)
 
     def _feed_aiohttp(self, data: bytes) -> None:
         timer = self._head_timer
@@ -185,6 +210,9 @@ class ProxyRequestHandler(RequestHandler):
         """The lane answered a request: the connection is idle from now, as after aiohttp's."""
         if self.transport is None:
             return
+        if self._closing:
+            super().close()  # the stop that began while the lane answered
+            return
         close_time = self._loop.time() + self._keepalive_timeout
         self._next_keepalive_close_time = close_time
         if self._keepalive_handle is None and self._keepalive_timeout > 0:
@@ -205,9 +233,20 @@ class ProxyRequestHandler(RequestHandler):
         else:
             self.handover = None
             handover.discard()
-        if backlog:
+        if self._closing:
+            super().close()  # aiohttp answers the request handed over, then closes
+        elif backlog:
             self._lane = None  # pipelined bytes: only aiohttp's parser knows where they end
             self._feed_aiohttp(backlog)
+
+    def close(self) -> None:
+        """aiohttp's first step of a stop (pre_shutdown): no new requests on this connection.
+        While the lane answers one, the close waits for it (aiohttp's own loop, which the close
+        ends, may yet have to answer it after a handover)."""
+        self._closing = True
+        if self._lane is not None and self._lane.busy:
+            return
+        super().close()
 
     def _process_keepalive(self) -> None:
         if self._lane is not None and self._lane.busy:
@@ -220,9 +259,9 @@ class ProxyRequestHandler(RequestHandler):
     async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 aiohttp's
         lane = self._lane
         if lane is not None and lane.busy:
-            # As aiohttp's shutdown does first: no new request is read from here on. Then the
-            # lane's request may finish, within the same grace period.
-            self._force_close = True
+            # No new request from here on; the lane's may finish within the same grace period
+            # (and, handed over, is then aiohttp's, which its shutdown waits for in turn).
+            self._closing = True
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await lane.idle()

@@ -35,8 +35,11 @@ import httptools
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_parser import SINGLETON_HEADERS
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
+from .errors import ERROR_HEADER
 from .forward import (
     BYTES_IN,
     BYTES_OUT,
@@ -62,14 +65,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("squirro_proxy.express")
 _NOTHING: frozenset[str] = frozenset()
+_ERROR_HEADER_LOWER = ERROR_HEADER.lower()
 
 # Request headers that send a request to aiohttp (lower case): they ask for what only the full
 # path does (a body, an upgrade, 100-continue, a CORS decision).
 _NOT_EXPRESS = frozenset((
     b"content-length", b"transfer-encoding", b"upgrade", b"expect", b"origin", b"te",
+    b"sec-websocket-key1",  # aiohttp's parser refuses this (a draft-76 WebSocket handshake)
 ))
+# Headers aiohttp's parser refuses to see twice (400): so does the lane, by leaving it to them.
+_SINGLETONS = frozenset(name.encode() for name in SINGLETON_HEADERS)
 _CROSS_SITE = frozenset(("cross-site", "same-site"))
-_LOOKED_AT = _NOT_EXPRESS | {b"host", b"x-request-id", b"connection", b"sec-fetch-site"}
+_LOOKED_AT = _NOT_EXPRESS | _SINGLETONS | {b"x-request-id", b"connection", b"sec-fetch-site"}
 # Connection tokens that name no header.
 _PLAIN_CONNECTION = frozenset(("keep-alive", "close"))
 # Response headers aiohttp adds when missing: an answer whose Connection names one of them
@@ -129,6 +136,7 @@ class ExpressLane:
         "_chunk",
         "_conn",
         "_ends",
+        "_error_code",
         "_fields",
         "_handler",
         "_head",
@@ -141,6 +149,7 @@ class ExpressLane:
         "_request_id",
         "_sent",
         "_shape_ok",
+        "_singletons",
         "_started",
         "_status",
         "_token",
@@ -167,6 +176,7 @@ class ExpressLane:
         self._fields: list[tuple[str, str]] = []
         self._shape_ok = True
         self._host: str | None = None
+        self._singletons: set[bytes] = set()
         self._request_id: str | None = None
         self._version = ""
         self._keep_alive = False
@@ -179,6 +189,7 @@ class ExpressLane:
         self._head: bytes | None = None
         self._status = 0
         self._reason = ""
+        self._error_code: str | None = None
         self._sent = 0
         self._started = 0.0
         self._token: AccessToken | None = None
@@ -202,10 +213,13 @@ class ExpressLane:
             return
         if lname in _NOT_EXPRESS:
             self._shape_ok = False
-        elif lname == b"host":
-            if self._host is not None:
-                self._shape_ok = False  # two Hosts: aiohttp's parser refuses it (400)
-            self._host = text
+        elif lname in _SINGLETONS:
+            seen = self._singletons
+            if lname in seen:
+                self._shape_ok = False
+            seen.add(lname)
+            if lname == b"host":
+                self._host = text
         elif lname == b"x-request-id":
             if self._request_id is None:
                 self._request_id = text
@@ -282,6 +296,16 @@ class ExpressLane:
     # --- the answer (called from the cluster connection's parser) ------------------------------
 
     def answered(self, answer: Answer) -> None:
+        try:
+            self._answered(answer)
+        except Exception:
+            # A bug must not leave the client waiting: forward.py answers as it would have.
+            log.exception("express lane: the answer to GET %s is handed over",
+                          self._path_for_log())
+            if self._answer is None and self.busy:
+                self._hand_over(answer=answer, latency=None)
+
+    def _answered(self, answer: Answer) -> None:
         record = self._record
         assert record is not None
         record[UPSTREAM_LATENCY] = latency = time.monotonic() - self._started
@@ -292,7 +316,8 @@ class ExpressLane:
         named = _NOTHING if connection is None or connection.lower() in _PLAIN_CONNECTION \
             else named_in((connection,))
         if status in (401, 204, 304) or length is None or length > HIGH_WATER or \
-                not named.isdisjoint(_DEFAULTED):
+                not named.isdisjoint(_DEFAULTED) or not answer.reason.isprintable():
+            # (A reason with control characters: aiohttp's writer refuses it, with a 500.)
             self._hand_over(answer=answer, latency=latency)
             return
         settings = self.express.upstream.settings
@@ -317,6 +342,12 @@ class ExpressLane:
         self._answer = answer
         self._status = status
         self._reason = answer.reason
+        self._error_code = None
+        if status >= 500:
+            for name, value in answer.fields:
+                if name.lower() == _ERROR_HEADER_LOWER:
+                    self._error_code = value
+                    break
 
     def failed(self, exc: BaseException) -> None:
         conn = self._conn
@@ -326,6 +357,20 @@ class ExpressLane:
         self._hand_over(error=None if isinstance(exc, _Stale) else exc)
 
     def readable(self) -> None:
+        try:
+            self._readable()
+        except Exception:
+            log.exception("express lane: relaying the answer to GET %s failed",
+                          self._path_for_log())
+            if self._answer is not None:
+                self._broke_off(None)
+
+    def _path_for_log(self) -> str:
+        """The path as forward.py logs it (decoded, without the query, which may hold secrets)."""
+        record = self._record
+        return URL(record.raw_path, encoded=True).path if record is not None else "?"
+
+    def _readable(self) -> None:
         conn = self._conn
         assert conn is not None
         if self._answer is None:
@@ -351,17 +396,17 @@ class ExpressLane:
         elif conn.error is not None:  # it broke off after the last of the bytes just sent
             self._broke_off(conn.error)
 
-    def _broke_off(self, exc: BaseException) -> None:
+    def _broke_off(self, exc: BaseException | None) -> None:
         # As forward.py's _cluster_broke_off: a truncated body must not look complete.
-        record = self._record
-        assert record is not None and self._answer is not None
-        log.warning("the cluster broke off the response to GET %s (%s); closing the client "
-                    "connection", record.raw_path.partition("?")[0], exc.__class__.__name__)
+        assert self._answer is not None
+        if exc is not None:
+            log.warning("the cluster broke off the response to GET %s (%s); closing the client "
+                        "connection", self._path_for_log(), exc.__class__.__name__)
         self._answer.close()
         transport = self._handler.transport
         if transport is not None:
             transport.abort()
-        self._finish(self._status)
+        self._finish(self._status, client_dropped=True)
 
     # --- the end of a request -------------------------------------------------------------------
 
@@ -382,20 +427,30 @@ class ExpressLane:
         log_client_gone(_as_request(record), time.monotonic() - self._started)
         self._settle()
 
-    def _finish(self, status: int) -> None:
+    def _finish(self, status: int, *, client_dropped: bool = False) -> None:
         record = self._record
         assert record is not None
         record[BYTES_OUT] = self._sent
         stats = self.express.stats
         stats.in_flight -= 1
-        # The cluster's 5xx goes on the status page with its reason, as forward.py's do.
-        answer = web.StreamResponse(status=status, reason=self._reason) if status >= 500 else None
-        stats.finish(_as_request(record), status, answer)
+        stats.finish(_as_request(record), status, self._as_response(status))
         if ACCESS.isEnabledFor(logging.INFO):
             access_line(_as_request(record), status, self._sent,
                         time.monotonic() - self._started, str(record[FORWARDED_ID]))
         self._settle()
-        self._handler.express_done(self._take_backlog() if self._backlog else b"")
+        if client_dropped:
+            self._take_backlog()  # nobody to answer: pipelined requests are not sent
+        else:
+            self._handler.express_done(self._take_backlog() if self._backlog else b"")
+
+    def _as_response(self, status: int) -> web.StreamResponse | None:
+        """What the status page notes of a cluster's 5xx, as forward.py's answer would show."""
+        if status < 500:
+            return None
+        response = web.StreamResponse(status=status, reason=self._reason)
+        if self._error_code is not None:  # a proxy in front of the cluster said what failed
+            response.headers[ERROR_HEADER] = self._error_code
+        return response
 
     def _hand_over(self, *, answer: Answer | None = None, latency: float | None = None,
                    error: BaseException | None = None) -> None:

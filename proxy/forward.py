@@ -263,7 +263,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
         if error is not None:
             raise error
         if resp is None:
-            resp = await _send(up, request, raw, token.value, body, rid)
+            # After the lane met a stale connection: on a new one, as the pool would retry.
+            resp = await _send(up, request, raw, token.value, body, rid,
+                               fresh=handover is not None)
         if resp.status == 401:
             if body is None or (tee is not None and not tee.overflow):
                 resp.release()
@@ -362,14 +364,14 @@ def upstream_failure(
 
 async def _send(
     up: Upstream, request: web.Request, raw: str, bearer: str,
-    body: AsyncIterator[bytes] | None, rid: str,
+    body: AsyncIterator[bytes] | None, rid: str, *, fresh: bool = False,
 ) -> ClusterAnswer:
     headers = upstream_request_headers(
         request.headers, bearer, forward_cookies=up.settings.forward_cookies,
         request_id=rid,
     )
     if up.pool is not None:
-        return await up.pool.request(request.method, up.prefix + raw, headers, body)
+        return await up.pool.request(request.method, up.prefix + raw, headers, body, fresh=fresh)
     return await up.session.request(
         request.method, up.url(raw), headers=headers, data=body,
         allow_redirects=False,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import re
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -38,6 +39,8 @@ MAX_HEADERS = 256
 # Body bytes buffered while the client is slower than the cluster; above HIGH the proxy stops
 # reading from the cluster until the client has taken them.
 HIGH_WATER = 256 * 1024
+# Characters a reason phrase may not hold (RFC 9112: HTAB, SP, VCHAR, obs-text only).
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 # Bytes of an answer's body buffered before a listener (express.py) is told of them.
 LISTENER_FLUSH = 64 * 1024
 # A connection idle in the pool longer than this is closed rather than reused: the cluster's
@@ -195,6 +198,8 @@ class _Connection(asyncio.Protocol):
         self._in_use = False
         self._parser: httptools.HttpResponseParser | None = None
         self._spare_parser: httptools.HttpResponseParser | None = None
+        self._feeding = False  # inside the parser: see data_received
+        self._release_after_feed: bool | None = None
         self._method = ""
         self._answer: asyncio.Future[Answer] | None = None
         self._status_line = b""
@@ -244,6 +249,19 @@ class _Connection(asyncio.Protocol):
             self._head_size += len(data)
         elif self._maybe_trailer:
             self._trailer_size += len(data)
+        self._feeding = True
+        try:
+            self._feed(parser, data)
+        finally:
+            self._feeding = False
+            if self._release_after_feed is not None:
+                # finish() came from inside the parser (a listener's end of the answer): only
+                # now, with the rest of the read parsed (and any bytes nobody asked for found),
+                # may the connection serve another request.
+                reusable, self._release_after_feed = self._release_after_feed, None
+                self._pool.release(self, reusable and not self.closed)
+
+    def _feed(self, parser: httptools.HttpResponseParser, data: bytes) -> None:
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -360,11 +378,14 @@ class _Connection(asyncio.Protocol):
                                 "only chunked can be relayed")
         # llhttp has checked the value is digits, and refused it next to Transfer-Encoding.
         content_length = int(length) if length is not None and not chunked else None
+        reason = self._status_line.decode("utf-8", "surrogateescape")
+        if not reason.isprintable() and _CONTROL.search(reason):
+            # llhttp lets them through; relayed, they would end the client's status line.
+            raise InvalidAnswer("its status line holds control characters")
         no_body = self._method == "HEAD" or status in (204, 304)
         self._until_eof = not no_body and content_length is None and not chunked
         self._head_done = True
-        answer = Answer(self, status, self._status_line.decode("utf-8", "surrogateescape"),
-                        self._fields, noted, content_length)
+        answer = Answer(self, status, reason, self._fields, noted, content_length)
         if self._answer is not None and not self._answer.done():
             self._answer.set_result(answer)
         elif self._listener is not None:
@@ -559,7 +580,10 @@ class _Connection(asyncio.Protocol):
             self.idle_since = self._loop.time()
         else:
             self._drop()
-        self._pool.release(self, reusable)
+        if self._feeding:
+            self._release_after_feed = reusable
+        else:
+            self._pool.release(self, reusable)
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -650,16 +674,18 @@ class ClusterPool:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def request(self, method: str, target: str, headers: CIMultiDict[str],
-                      body: AsyncIterator[bytes] | None) -> Answer:
-        """Send one request (`target` is the raw path and query) and wait for the answer's head."""
+                      body: AsyncIterator[bytes] | None, *, fresh: bool = False) -> Answer:
+        """Send one request (`target` is the raw path and query) and wait for the answer's head.
+
+        `fresh`: on a new connection, and not sent again if that fails (a stale pooled
+        connection was met already, by the express lane)."""
         chunked = body is not None and "Content-Length" not in headers
         # aiohttp sends `Content-Length: 0` for a body-less request of most methods; so do we.
         zero = body is None and method not in _NO_BODY_METHODS and "Content-Length" not in headers
         head = self.request_head(method, target, headers.items(), chunked=chunked,
                                  zero_length=zero)
         deadline = self.loop.time() + self.connect_timeout
-        retry = body is None and method in IDEMPOTENT
-        fresh = False
+        retry = body is None and method in IDEMPOTENT and not fresh
         while True:
             conn = await self._acquire(deadline, fresh)
             try:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.web_server import Server
 from yarl import URL
 
 from proxy.app import make_app
-from proxy.connection import ProxyAppRunner
+from proxy.connection import ProxyAppRunner, ProxyRequestHandler, ProxyServer
 from proxy.http1 import HIGH_WATER
 from tests.conftest import proxy_settings
 from tests.fakes import pattern
@@ -52,14 +52,23 @@ async def lane(scripted: tuple[ScriptedCluster, URL]) -> AsyncIterator[Served]:
     await runner.cleanup()
 
 
+class FullPathRunner(ProxyAppRunner):
+    """The CLI's runner with the lane closed: every request takes aiohttp's full path."""
+
+    async def _make_server(self) -> Server:
+        return ProxyServer(await web.AppRunner._make_server(self), self._header_timeout, None)
+
+
 @pytest.fixture
 async def full(scripted: tuple[ScriptedCluster, URL]) -> AsyncIterator[URL]:
-    """The same proxy served by aiohttp's own runner: every request takes the full path."""
+    """The same proxy without the lane, for comparisons."""
     _, url = scripted
-    server = TestServer(make_app(proxy_settings(url)), host="127.0.0.1")
-    await server.start_server()
-    yield URL(f"http://127.0.0.1:{server.port}")
-    await server.close()
+    runner = FullPathRunner(make_app(proxy_settings(url)), header_timeout=5.0,
+                            handle_signals=False, shutdown_timeout=2.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield URL(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    await runner.cleanup()
 
 
 async def exchange(url: URL, request: bytes, answers: int = 1) -> bytes:
@@ -179,6 +188,73 @@ async def test_other_requests_take_the_full_path(lane: Served, request_bytes: by
     writer.close()
     assert lane.handled_by_aiohttp == before + 1
     assert head.startswith(b"HTTP/1.")
+
+
+def seen_headers(requests: list[Request]) -> list[dict[str, str]]:
+    """What the cluster saw, ids the proxy made up masked (they differ by construction)."""
+    return [{k: "<made>" if k == "x-request-id" and re.fullmatch("[0-9a-f]{24}", v) else v
+             for k, v in r.headers.items()} for r in requests]
+
+
+# Requests that the parsers of aiohttp (the full path) and httptools (the lane) may read
+# differently: the lane must take none that aiohttp refuses, and send what aiohttp's path sends.
+ODD_REQUESTS = {
+    "repeated-user-agent": b"User-Agent: a\r\nUser-Agent: b\r\n",
+    "repeated-content-type": b"Content-Type: a\r\nContent-Type: b\r\n",
+    "repeated-max-forwards": b"Max-Forwards: 1\r\nMax-Forwards: 2\r\n",
+    "repeated-host": b"host: 127.0.0.1\r\n",
+    "websocket-key1": b"Sec-WebSocket-Key1: x\r\n",
+    "cross-site-tab": b"Sec-Fetch-Site: cross-site\t\r\n",
+    "id-with-spaces": b"X-Request-ID: \t abc \r\n",
+    "nul-in-value": b"X-A: a\x00b\r\n",
+    "control-in-value": b"X-A: a\x01b\r\n",
+    "del-in-value": b"X-A: a\x7fb\r\n",
+    "obs-text-value": b"X-A: caf\xe9\r\n",
+    "obs-fold": b"X-A: a\r\n b\r\n",
+    "space-before-colon": b"X-A : b\r\n",
+    "empty-name": b": v\r\n",
+    "non-ascii-name": b"X-\xe9: a\r\n",
+    "repeated-authorization": b"Authorization: a\r\nAuthorization: b\r\n",
+    "connection-close-too": b"Connection: Keep-Alive\r\nConnection: close\r\n",
+    "proxy-connection": b"Proxy-Connection: close\r\n",
+    "te-trailers": b"TE: trailers\r\n",
+}
+ODD_LINES = {
+    "utf8-path": b"GET /api/caf\xc3\xa9 HTTP/1.1",
+    "latin1-path": b"GET /api/caf\xe9 HTTP/1.1",
+    "control-in-path": b"GET /api/a\x01b HTTP/1.1",
+    "tab-in-path": b"GET /api/a\tb HTTP/1.1",
+    "double-space": b"GET  /api/x HTTP/1.1",
+    "absolute-form": b"GET http://127.0.0.1/api/x HTTP/1.1",
+    "lower-case-version": b"GET /api/x http/1.1",
+    "http-1.2": b"GET /api/x HTTP/1.2",
+    "bad-percent": b"GET /api/%zz HTTP/1.1",
+    "empty-query": b"GET /api/x? HTTP/1.1",
+}
+
+
+@pytest.mark.parametrize("request_bytes", [
+    *(b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra + b"\r\n"
+      for extra in ODD_REQUESTS.values()),
+    *(line + b"\r\nHost: 127.0.0.1\r\n\r\n" for line in ODD_LINES.values()),
+    b"GET /api/x HTTP/1.1\nHost: 127.0.0.1\n\n",
+    b"\r\nGET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /api/x HTTP/1.1\r\nHost:\r\n\r\n",
+], ids=[*ODD_REQUESTS, *ODD_LINES, "bare-lf", "leading-crlf", "empty-host"])
+async def test_odd_requests_get_what_the_full_path_gives(
+    scripted: tuple[ScriptedCluster, URL], lane: Served, full: URL, request_bytes: bytes
+) -> None:
+    """The same status, and the cluster sees the same headers (or nothing) either way."""
+    cluster, _ = scripted
+    await warm(lane.url)
+    await warm(full)
+    answers, seen = [], []
+    for url in (lane.url, full):
+        before = len(cluster.api("/api/x"))
+        answers.append((await exchange(url, request_bytes)).split(b"\r\n")[0])
+        seen.append(seen_headers(cluster.api("/api/x")[before:]))
+    assert answers[0] == answers[1]
+    assert seen[0] == seen[1]
 
 
 @pytest.mark.parametrize(("request_bytes", "status"), [
@@ -429,3 +505,154 @@ async def test_shutdown_lets_a_lane_request_finish(
     answer = await asyncio.wait_for(call, 5)
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"done")
     await asyncio.wait_for(stopping, 5)
+
+
+# --- the lane and aiohttp's loop on one connection --------------------------------------------
+
+
+async def test_a_request_after_one_aiohttp_took_waits_its_turn(
+    scripted: tuple[ScriptedCluster, URL], lane: Served
+) -> None:
+    """A GET arriving just after aiohttp took the one before it (its task not yet begun) is
+    not taken by the lane: the answers keep the order of the requests."""
+    cluster, _ = scripted
+
+    async def slow(request: Request, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(0.3)
+        return await ok(b"answer A")(request, writer)
+
+    cluster.scripts["/api/slow"] = slow
+    cluster.scripts["/api/fast"] = ok(b"answer B")
+    await warm(lane.url)
+    reader, writer = await asyncio.open_connection(lane.url.host, lane.url.port)
+    try:
+        await asyncio.sleep(0.05)
+        port = writer.get_extra_info("sockname")[1]
+        server = lane.runner.server
+        assert isinstance(server, ProxyServer)
+        [handler] = [h for h in server.connections if isinstance(h, ProxyRequestHandler)
+                     and h.transport is not None
+                     and h.transport.get_extra_info("peername")[1] == port]
+        # What the loop does when A and B come in two reads on consecutive turns (Origin
+        # sends A to aiohttp).
+        handler.data_received(get("/api/slow", "Origin: http://127.0.0.1"))
+        await asyncio.sleep(0)
+        handler.data_received(get("/api/fast"))
+        answers = b""
+        for _ in range(2):
+            answers += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            answers += await reader.readexactly(8)
+    finally:
+        writer.close()
+    assert answers.index(b"answer A") < answers.index(b"answer B")
+
+
+async def test_bytes_after_an_answer_never_answer_the_next_request(
+    scripted: tuple[ScriptedCluster, URL], lane: Served
+) -> None:
+    """The cluster sends a second, unasked answer after the first while the client's next
+    request waits: that connection is dropped, and the next request gets its own answer."""
+    cluster, _ = scripted
+    release = asyncio.Event()
+
+    async def held(request: Request, writer: asyncio.StreamWriter) -> bool:
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nanswer 1"
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nforged!!")
+        return True
+
+    cluster.scripts["/api/1"] = held
+    cluster.scripts["/api/2"] = ok(b"answer 2")
+    await warm(lane.url)
+    reader, writer = await asyncio.open_connection(lane.url.host, lane.url.port)
+    try:
+        writer.write(get("/api/1"))
+        await asyncio.sleep(0.1)
+        writer.write(get("/api/2"))
+        await asyncio.sleep(0.1)
+        release.set()
+        answers = b""
+        for _ in range(2):
+            answers += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            answers += await reader.readexactly(8)
+    finally:
+        writer.close()
+    assert b"forged" not in answers
+    assert answers.index(b"answer 1") < answers.index(b"answer 2")
+
+
+async def test_a_stop_lets_a_handed_over_request_finish(
+    scripted: tuple[ScriptedCluster, URL], lane: Served
+) -> None:
+    """A graceful stop while the lane waits for an answer it hands over (chunked): aiohttp's
+    path still relays it whole before the connection closes."""
+    cluster, _ = scripted
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def held(request: Request, writer: asyncio.StreamWriter) -> bool:
+        arrived.set()
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\n\r\n")
+        return True
+
+    cluster.scripts["/api/held"] = held
+    await warm(lane.url)
+    reader, writer = await asyncio.open_connection(lane.url.host, lane.url.port)
+    writer.write(get("/api/held"))
+    await asyncio.wait_for(arrived.wait(), 5)
+    stopping = asyncio.ensure_future(lane.runner.cleanup())
+    await asyncio.sleep(0.2)
+    release.set()
+    received = b""
+    with contextlib.suppress(ConnectionError):
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            received += chunk
+    writer.close()
+    await asyncio.wait_for(stopping, 5)
+    assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"5\r\nhello\r\n0\r\n\r\n")
+
+
+async def test_requests_behind_a_broken_off_answer_are_not_sent(
+    scripted: tuple[ScriptedCluster, URL], lane: Served
+) -> None:
+    """Once the client's connection is dropped for a truncated answer, a request it had
+    pipelined behind it is not sent to the cluster: nobody is left to answer."""
+    cluster, _ = scripted
+    release = asyncio.Event()
+
+    async def half(request: Request, writer: asyncio.StreamWriter) -> bool:
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+        return False
+
+    cluster.scripts["/api/half"] = half
+    async with aiohttp.ClientSession() as client:  # several idle pooled connections
+        for resp in await asyncio.gather(*(client.get(lane.url / "api/warm") for _ in range(4))):
+            await resp.read()
+            resp.release()
+    reader, writer = await asyncio.open_connection(lane.url.host, lane.url.port)
+    writer.write(get("/api/half"))
+    await asyncio.sleep(0.1)
+    writer.write(get("/api/2"))
+    await asyncio.sleep(0.1)
+    release.set()
+    with contextlib.suppress(ConnectionError):
+        while await asyncio.wait_for(reader.read(65536), 5):
+            pass
+    writer.close()
+    assert cluster.api("/api/2") == []
+
+
+async def test_a_status_line_with_control_characters_is_refused(
+    scripted: tuple[ScriptedCluster, URL], lane: Served, full: URL
+) -> None:
+    """A reason phrase that would break the client's status line: 502 on either path."""
+    cluster, _ = scripted
+    cluster.scripts["/api/ctl"] = raw(b"HTTP/1.1 200 O\x01K\r\nContent-Length: 2\r\n\r\nok",
+                                      keep=True)
+    await warm(lane.url)
+    for url in (lane.url, full):
+        head, _, body = (await exchange(url, get("/api/ctl"))).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 502")
+        assert json.loads(body)["error"] == "cluster_invalid_response"

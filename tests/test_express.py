@@ -315,19 +315,28 @@ async def test_pipelined_requests_are_answered_in_order(
         return await ok(b"answer 1")(request, writer)
 
     cluster.scripts["/api/1"] = held
-    reader, writer = await asyncio.open_connection(lane.url.host, lane.url.port)
+    answers = await second_while_first_held(lane.url, "/api/1", "/api/3", release)
+    assert answers.index(b"answer 1") < answers.index(b"answer 3")
+
+
+async def second_while_first_held(url: URL, first: str, second: str,
+                                  release: asyncio.Event) -> bytes:
+    """GET `first`, then `second` on the same connection while the cluster holds the first
+    answer until `release`; both answers (8-byte bodies) as they arrived."""
+    reader, writer = await asyncio.open_connection(url.host, url.port)
     try:
-        writer.write(get("/api/1"))
-        await asyncio.sleep(0.05)
-        writer.write(get("/api/3"))
-        await asyncio.sleep(0.05)
+        writer.write(get(first))
+        await asyncio.sleep(0.1)
+        writer.write(get(second))
+        await asyncio.sleep(0.1)
         release.set()
         answers = b""
         for _ in range(2):
-            answers += await reader.readuntil(b"\r\n\r\n") + await reader.readexactly(8)
+            answers += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            answers += await reader.readexactly(8)
+        return answers
     finally:
         writer.close()
-    assert answers.index(b"answer 1") < answers.index(b"answer 3")
 
 
 # --- what the lane hands over ---------------------------------------------------------------------
@@ -564,19 +573,7 @@ async def test_bytes_after_an_answer_never_answer_the_next_request(
     cluster.scripts["/api/1"] = held
     cluster.scripts["/api/2"] = ok(b"answer 2")
     await warm(lane.url)
-    reader, writer = await asyncio.open_connection(lane.url.host, lane.url.port)
-    try:
-        writer.write(get("/api/1"))
-        await asyncio.sleep(0.1)
-        writer.write(get("/api/2"))
-        await asyncio.sleep(0.1)
-        release.set()
-        answers = b""
-        for _ in range(2):
-            answers += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            answers += await reader.readexactly(8)
-    finally:
-        writer.close()
+    answers = await second_while_first_held(lane.url, "/api/1", "/api/2", release)
     assert b"forged" not in answers
     assert answers.index(b"answer 1") < answers.index(b"answer 2")
 

@@ -8,20 +8,24 @@ clients send most of the time, with the proxy's own rules, and nothing else.
 
 What takes the lane, decided from the bytes before anything is sent: one whole request in one
 read, `GET`, HTTP/1.1, a path outside `/-/` that the guard's rules let through, a Host the proxy
-answers to, no body, no Origin, Upgrade, Expect or cross-site Sec-Fetch-Site, within the head
-limits; with a valid access token at hand and an idle pooled connection to the cluster. Every
-other request goes to aiohttp, whole, as it came, and the next may take the lane again. Bytes
-that are not exactly one request (half a head, pipelined requests) go to aiohttp too, and the
-connection stays there: only aiohttp's parser knows where its messages end then.
+answers to, no body, no Origin, Upgrade, Expect or cross-site Sec-Fetch-Site, no repeat of a
+header aiohttp's parser refuses twice, within the head limits; with a valid access token at hand
+and an idle pooled connection to the cluster; and only while aiohttp's own loop on the
+connection waits for a request. Every other request goes to aiohttp, whole, as it came, and the
+next may take the lane again. Bytes that are not exactly one request (half a head, pipelined
+requests) go to aiohttp too, and the connection stays there: only aiohttp's parser knows where
+its messages end then. Settings that need more of the full path (CORS origins, path rules, a
+corporate proxy) keep the lane closed.
 
 What the lane relays itself: an answer of known length up to HIGH_WATER (not 401, 204 or 304),
-its head and body in one write. Every other outcome is handed over (`forward.Handover`): the
-request goes to aiohttp after all, and `forward` takes up the exchange already under way, so a
-401's refresh and retry, a failure's JSON error, a stream or a spliced download, each have their
-one implementation in forward.py. The answer to the client is the same either way, byte for
-byte: the same header rules, request id, access line and metrics.
+whole in one write once it is in (in 64 KiB writes when larger). Every other outcome is handed
+over (`forward.Handover`): the request goes to aiohttp after all, and `forward` takes up the
+exchange already under way, so a 401's refresh and retry, a failure's JSON error, a stream or a
+spliced download, each have their one implementation in forward.py. The answer to the client
+is the same either way, byte for byte (tests/test_express.py compares them): the same header
+rules, request id, access line and metrics. One difference is deliberate: header bytes that are
+no UTF-8 pass unchanged here, where aiohttp's writer drops them.
 """
-
 from __future__ import annotations
 
 import asyncio

@@ -259,12 +259,17 @@ class ProxyRequestHandler(RequestHandler):
     async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 aiohttp's
         lane = self._lane
         if lane is not None and lane.busy:
-            # No new request from here on; the lane's may finish within the same grace period
-            # (and, handed over, is then aiohttp's, which its shutdown waits for in turn).
+            # No new request from here on. aiohttp gives a handler up to two periods (it waits,
+            # then cancels the request and waits again): so does the lane. aiohttp's shutdown,
+            # after which a handover would be ignored, begins once the lane is done, with what
+            # is left of the time.
             self._closing = True
+            end = None if timeout is None else self._loop.time() + 2 * timeout
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(end):
                     await lane.idle()
+            if end is not None:
+                timeout = max(end - self._loop.time(), 0.001)  # ceil_timeout(0): no limit
         await super().shutdown(timeout)
 
     def _arm(self) -> None:

@@ -34,6 +34,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
+from urllib.parse import unquote
 
 import httptools
 from aiohttp import web
@@ -260,7 +261,9 @@ class ExpressLane:
         raw = self._url.decode("utf-8", "surrogateescape")
         guard = express.guard
         if raw.startswith(OPS_PREFIX) or target_problem(raw) is not None or \
-                not guard.host_allowed(self._host):
+                not guard.host_allowed(self._host) or (
+                    # aiohttp's router decodes the path: /%2D/metrics is the proxy's own too.
+                    "%" in raw and unquote(raw.partition("?")[0]).startswith(OPS_PREFIX)):
             return Verdict.WHOLE
         if guard.wants_client_token and \
                 not guard.client_token_ok(CIMultiDictProxy(CIMultiDict(self._fields))):
@@ -285,6 +288,7 @@ class ExpressLane:
         self._record = record
         self._token = token
         self._started = time.monotonic()
+        self._sent = 0
         express.stats.in_flight += 1
         conn.start("GET", express.pool.request_head("GET", up.prefix + raw, fields), self)
         return Verdict.TAKEN
@@ -354,6 +358,15 @@ class ExpressLane:
                     break
 
     def failed(self, exc: BaseException) -> None:
+        try:
+            self._failed(exc)
+        except Exception:
+            log.exception("express lane: the failure of GET %s is left to the full path",
+                          self._path_for_log())
+            if self.busy:
+                self._hand_over(error=exc)
+
+    def _failed(self, exc: BaseException) -> None:
         conn = self._conn
         assert conn is not None
         conn.finish(reuse=False)

@@ -28,6 +28,7 @@ REQUEST_ID = "X-Request-ID"
 # told the client to continue).
 REQUEST_OWN = frozenset(h.lower() for h in (hdrs.HOST, hdrs.AUTHORIZATION, hdrs.EXPECT))
 REQUEST_DROPPED = HOP_BY_HOP | REQUEST_OWN | {REQUEST_ID.lower()}
+RESPONSE_DROPPED = HOP_BY_HOP | {REQUEST_ID.lower()}
 COOKIE_REQUEST = "cookie"
 COOKIE_RESPONSE = frozenset(("set-cookie", "set-cookie2"))
 # CORS is decided by the proxy (guard.py), never by the cluster's own answer.
@@ -98,11 +99,12 @@ def client_response_pairs(
     forward_cookies: bool,
 ) -> Pairs:
     """The cluster's headers the client gets: minus hop-by-hop (and those `named` by
-    Connection), cookies and CORS; Location pointed back at the proxy."""
+    Connection), cookies, CORS and the request id (the proxy sets its own); Location pointed
+    back at the proxy."""
     out: Pairs = []
     for name, value in upstream:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in named or lname.startswith(CORS_PREFIX):
+        if lname in RESPONSE_DROPPED or lname in named or lname.startswith(CORS_PREFIX):
             continue
         if not forward_cookies and lname in COOKIE_RESPONSE:
             continue

@@ -122,6 +122,7 @@ ANSWERS = {
              + b"Content-Type: text/plain\r\nContent-Length: 4\r\n\r\ndown",
     "odd-reason": b"HTTP/1.1 404 Nothing Here\r\nContent-Length: 0\r\n\r\n",
     "no-reason": b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n",
+    "echoed-id": b"HTTP/1.1 200 OK\r\nx-request-id: cluster-made\r\nContent-Length: 2\r\n\r\nok",
     "latin-1": CLUSTER_HEAD + b"X-Name: caf\xe9\r\nX-Multi: 1\r\nx-multi: 2\r\n"
                b"Content-Length: 0\r\n\r\n",
 }
@@ -147,6 +148,7 @@ async def test_lane_answers_as_the_full_path(
         via_full = via_full.replace(b"\r\nX-Name: caf\r\n", b"\r\nX-Name: caf\xe9\r\n")
     assert normalised(via_lane, lane.url) == normalised(via_full, full)
     assert b"\r\nX-Request-ID: fixed-id\r\n" in via_lane
+    assert via_lane.lower().count(b"\r\nx-request-id:") == 1
 
 
 async def test_lane_sends_what_the_full_path_sends(
@@ -489,6 +491,80 @@ async def test_lane_requests_are_counted_and_logged(
     # The two warm-up requests (the first takes the full path, to open a connection) and this.
     assert re.search(r'squirro_proxy_requests_total\{method="GET",status_class="2xx"\} 3\.0',
                      text), text
+
+
+async def test_every_request_on_a_connection_counts_its_own_bytes(
+    scripted: tuple[ScriptedCluster, URL], lane: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three answers on one kept-alive connection: each access line and the sent-bytes
+    counter count each answer once."""
+    caplog.set_level(logging.INFO, logger="squirro_proxy.access")
+    cluster, _ = scripted
+    cluster.scripts["/api/ten"] = ok(b"0123456789")
+    await warm(lane.url)
+    await exchange(lane.url, get("/api/ten"))
+    reader, writer = await asyncio.open_connection(lane.url.host, lane.url.port)
+    try:
+        for _ in range(3):
+            writer.write(get("/api/ten"))
+            await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(10) == b"0123456789"
+    finally:
+        writer.close()
+    lines = [r.getMessage() for r in caplog.records if "/api/ten" in r.getMessage()]
+    assert len(lines) == 4 and all(" 200 10B " in line for line in lines), lines
+    async with aiohttp.ClientSession() as client, client.get(lane.url / "-/metrics") as resp:
+        text = await resp.text()
+    # Two warm-up answers of 2 bytes, four of 10.
+    assert re.search(r"^squirro_proxy_sent_bytes_total 44\.0$", text, re.MULTILINE), text
+
+
+async def test_encoded_ops_paths_are_the_proxys_own(
+    scripted: tuple[ScriptedCluster, URL], lane: Served
+) -> None:
+    """/%2D/metrics is /-/metrics to aiohttp's router: answered by the proxy, never
+    forwarded (with the bearer token) to the cluster."""
+    cluster, _ = scripted
+    await warm(lane.url)
+    seen = len(cluster.requests)
+    head, _, body = (await exchange(lane.url, get("/%2D/metrics"))).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"squirro_proxy_requests_total" in body
+    assert len(cluster.requests) == seen
+
+
+async def test_a_stop_waits_for_a_late_handover_as_for_a_handler(
+    scripted: tuple[ScriptedCluster, URL]
+) -> None:
+    """aiohttp gives a request under way up to twice the grace period; an answer the lane
+    hands over after the first period still reaches the client whole."""
+    cluster, url = scripted
+    runner = ProxyAppRunner(make_app(proxy_settings(url)), header_timeout=5.0,
+                            handle_signals=False, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    proxy = URL(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    arrived = asyncio.Event()
+
+    async def late(request: Request, writer: asyncio.StreamWriter) -> bool:
+        arrived.set()
+        await asyncio.sleep(0.7)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"4\r\nlate\r\n0\r\n\r\n")
+        return True
+
+    cluster.scripts["/api/late"] = late
+    await warm(proxy)
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(get("/api/late"))
+    await asyncio.wait_for(arrived.wait(), 5)
+    stopping = asyncio.ensure_future(runner.cleanup())
+    received = b""
+    with contextlib.suppress(ConnectionError):
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            received += chunk
+    writer.close()
+    await asyncio.wait_for(stopping, 5)
+    assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"4\r\nlate\r\n0\r\n\r\n")
 
 
 async def test_shutdown_lets_a_lane_request_finish(

@@ -547,7 +547,7 @@ def report(bench: Bench, argv: Sequence[str], started: float, load_before: tuple
     rhead, rrows = refresh_table(bench.values, names)
     phead, prows = paired_table(bench.values, names)
     load_after = os.getloadavg()
-    command = "python -m tests.benchmarks.run " + " ".join(argv)
+    command = "python -m tests.benchmarks.run " + shlex.join(argv)
     context = (
         f"{bench.args.rounds} rounds, {bench.args.duration:g} s per load; "
         f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC; {machine()}; "

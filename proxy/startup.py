@@ -70,5 +70,7 @@ async def serve_until_stopped(settings: Settings, tokens: TokenManager, urls: Se
     finally:
         first.cancel()
         stopper.cancel()
-    log.info("shutting down: finishing in-flight requests (up to %g s)", settings.shutdown_grace)
+    # aiohttp waits the grace period, then cancels what is left and waits as long again.
+    log.info("shutting down: finishing in-flight requests (up to %g s, and as long again for "
+             "a request still under way)", settings.shutdown_grace)
     return EXIT_OK

@@ -56,7 +56,8 @@ SNAPSHOT_TIMEOUT = 2.0
 RESTART_DELAY = 0.5
 RESTART_DELAY_MAX = 30.0
 STABLE_AFTER = 10.0  # seconds a worker must live for the pause to start from the beginning again
-# After the shutdown grace, workers still running get this long before SIGKILL.
+# After their own stop's bound (two grace periods), workers still running get this long before
+# SIGKILL.
 KILL_MARGIN = 5.0
 
 
@@ -293,7 +294,9 @@ class Supervisor:
         close(self.listeners, self.settings)
         for process in self.workers.values():
             process.signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.shutdown_grace + KILL_MARGIN
+        # A worker's own stop takes up to two grace periods (aiohttp waits one, cancels what is
+        # left and waits another), as a single process's does.
+        deadline = time.monotonic() + 2 * self.settings.shutdown_grace + KILL_MARGIN
         killed = False
         while self._watchers:
             left = deadline - time.monotonic()

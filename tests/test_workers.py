@@ -21,6 +21,7 @@ import psutil
 import pytest
 from yarl import URL
 
+from proxy.supervisor import KILL_MARGIN
 from tests.fakes import FakeCluster
 from tests.helpers import until
 from tests.processes import LISTEN, ProxyProcess, proxy_env, spawn
@@ -208,6 +209,29 @@ async def test_sigterm_lets_every_worker_finish_its_requests(
     code, _ = await p.finish()
     assert code == 0
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+
+async def test_workers_get_both_periods_of_their_own_stop(
+    procs: list[ProxyProcess], cluster: FakeCluster, cluster_url: URL, tmp_path: Path
+) -> None:
+    """A worker's stop, like a single process's, gives a request up to two grace periods
+    (aiohttp waits one, cancels, waits another): the supervisor does not kill it before, so an
+    answer that comes after grace + KILL_MARGIN still reaches the client. (About 12 s.)"""
+    p, base = await _start(procs, cluster_url, tmp_path, "--shutdown-grace", "6")
+    arrived, release = cluster.hold_answers()
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True)
+    ) as client:
+        call = asyncio.ensure_future(client.get(base / "api/held"))
+        await until(lambda: len(arrived) == 1)
+        p.proc.send_signal(signal.SIGTERM)
+        await p.wait_line("shutting down")
+        await asyncio.sleep(6 + KILL_MARGIN + 0.5)  # past where the supervisor killed before
+        release.set()
+        resp = await asyncio.wait_for(call, 10)
+        assert resp.status == 200 and await resp.text() == "done"
+    code, _ = await p.finish()
+    assert code == 0
 
 
 async def test_ctrl_c_to_the_process_group_drains_every_worker(

@@ -288,7 +288,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("pool_size", "--pool-size", "SQUIRRO_PROXY_POOL_SIZE", _int_range(1, 10_000),
            "Most connections open to the cluster at once.", default=100, metavar="N"),
     Option("shutdown_grace", "--shutdown-grace", "SQUIRRO_PROXY_SHUTDOWN_GRACE", _positive_float,
-           "On SIGTERM/SIGINT, seconds in-flight requests get to finish.", default=10.0,
+           "On SIGTERM/SIGINT, seconds in-flight requests get to finish (a request still "
+           "under way then gets as long again before it is cancelled).", default=10.0,
            metavar="SECONDS"),
     Option("workers", "--workers", "SQUIRRO_PROXY_WORKERS", _workers,
            "Processes serving requests, sharing one listening socket and one access token "

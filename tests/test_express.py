@@ -22,6 +22,7 @@ from proxy.connection import ProxyAppRunner, ProxyRequestHandler, ProxyServer
 from proxy.http1 import HIGH_WATER
 from tests.conftest import proxy_settings
 from tests.fakes import pattern
+from tests.helpers import until
 from tests.scripted import TOKEN_PATH, Request, ScriptedCluster, ok, raw
 
 ERROR_HEADER = "X-Squirro-Proxy-Error"
@@ -532,7 +533,7 @@ async def test_encoded_ops_paths_are_the_proxys_own(
     assert len(cluster.requests) == seen
 
 
-@pytest.mark.parametrize(("grace", "delay"), [(2.0, 0.2), (0.5, 0.7)],
+@pytest.mark.parametrize(("grace", "delay"), [(2.0, 0.2), (1.0, 1.4)],
                          ids=["within-the-grace-period", "after-the-first-period"])
 async def test_a_stop_lets_a_handed_over_answer_finish(
     scripted: tuple[ScriptedCluster, URL], grace: float, delay: float
@@ -614,13 +615,17 @@ async def test_a_request_after_one_aiohttp_took_waits_its_turn(
     await warm(lane.url)
     reader, writer = await asyncio.open_connection(lane.url.host, lane.url.port)
     try:
-        await asyncio.sleep(0.05)
         port = writer.get_extra_info("sockname")[1]
         server = lane.runner.server
         assert isinstance(server, ProxyServer)
-        [handler] = [h for h in server.connections if isinstance(h, ProxyRequestHandler)
-                     and h.transport is not None
-                     and h.transport.get_extra_info("peername")[1] == port]
+
+        def ours() -> list[ProxyRequestHandler]:
+            return [h for h in server.connections if isinstance(h, ProxyRequestHandler)
+                    and h.transport is not None
+                    and h.transport.get_extra_info("peername")[1] == port]
+
+        await until(lambda: bool(ours()))
+        [handler] = ours()
         # What the loop does when A and B come in two reads on consecutive turns (Origin
         # sends A to aiohttp).
         handler.data_received(get("/api/slow", "Origin: http://127.0.0.1"))

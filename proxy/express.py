@@ -70,7 +70,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("squirro_proxy.express")
 _NOTHING: frozenset[str] = frozenset()
-_ERROR_HEADER_LOWER = ERROR_HEADER.lower()
 
 # Request headers that send a request to aiohttp (lower case): they ask for what only the full
 # path does (a body, an upgrade, 100-continue, a CORS decision).
@@ -102,7 +101,7 @@ class Express:
     """What every lane of an application shares, built once when the server starts."""
 
     upstream: Upstream
-    pool: ClusterPool
+    pool: ClusterPool  # upstream.pool, which the lane needs: without one it stays closed
     guard: Guard
     stats: RequestStats
     head_limit: int  # bytes: a head this short is within every one of aiohttp's limits
@@ -141,7 +140,6 @@ class ExpressLane:
         "_chunk",
         "_conn",
         "_ends",
-        "_error_code",
         "_fields",
         "_handler",
         "_head",
@@ -149,14 +147,12 @@ class ExpressLane:
         "_idle_waiter",
         "_keep_alive",
         "_parser",
-        "_reason",
         "_record",
         "_request_id",
         "_sent",
         "_shape_ok",
         "_singletons",
         "_started",
-        "_status",
         "_token",
         "_url",
         "_version",
@@ -174,7 +170,15 @@ class ExpressLane:
         self._idle_waiter: asyncio.Future[None] | None = None
         self._begins = self._ends = 0
         self._reset_parse()
-        self._clear()
+        # The request under way (`offer` sets them; `_settle` clears what callbacks look at).
+        self._chunk = b""
+        self._conn: _Connection | None = None
+        self._answer: Answer | None = None
+        self._record: Record | None = None
+        self._head: bytes | None = None
+        self._sent = 0
+        self._started = 0.0
+        self._token: AccessToken | None = None
 
     def _reset_parse(self) -> None:
         self._url = b""
@@ -185,19 +189,6 @@ class ExpressLane:
         self._request_id: str | None = None
         self._version = ""
         self._keep_alive = False
-
-    def _clear(self) -> None:
-        self._chunk = b""
-        self._conn: _Connection | None = None
-        self._answer: Answer | None = None
-        self._record: Record | None = None
-        self._head: bytes | None = None
-        self._status = 0
-        self._reason = ""
-        self._error_code: str | None = None
-        self._sent = 0
-        self._started = 0.0
-        self._token: AccessToken | None = None
 
     # --- the request's bytes ------------------------------------------------------------------
 
@@ -270,7 +261,8 @@ class ExpressLane:
             return Verdict.WHOLE
         up = express.upstream
         token = up.tokens.current
-        if token is None or not token.valid(time.monotonic()):
+        now = time.monotonic()
+        if token is None or not token.valid(now):
             return Verdict.WHOLE  # aiohttp's path waits for it, or says why there is none
         conn = express.pool.take_idle()
         if conn is None:
@@ -287,7 +279,7 @@ class ExpressLane:
         self._conn = conn
         self._record = record
         self._token = token
-        self._started = time.monotonic()
+        self._started = now
         self._sent = 0
         express.stats.in_flight += 1
         conn.start("GET", express.pool.request_head("GET", up.prefix + raw, fields), self)
@@ -348,14 +340,6 @@ class ExpressLane:
         # Values came through llhttp or are the proxy's own: none holds a line break.
         self._head = "".join(lines).encode("utf-8", "surrogateescape")
         self._answer = answer
-        self._status = status
-        self._reason = answer.reason
-        self._error_code = None
-        if status >= 500:
-            for name, value in answer.fields:
-                if name.lower() == _ERROR_HEADER_LOWER:
-                    self._error_code = value
-                    break
 
     def failed(self, exc: BaseException) -> None:
         try:
@@ -409,7 +393,7 @@ class ExpressLane:
         self._sent += len(data)
         if conn.complete:
             self._answer.release()
-            self._finish(self._status)
+            self._finish(self._answer)
         elif conn.error is not None:  # it broke off after the last of the bytes just sent
             self._broke_off(conn.error)
 
@@ -423,7 +407,7 @@ class ExpressLane:
         transport = self._handler.transport
         if transport is not None:
             transport.abort()
-        self._finish(self._status, client_dropped=True)
+        self._finish(self._answer, client_dropped=True)
 
     # --- the end of a request -------------------------------------------------------------------
 
@@ -444,13 +428,14 @@ class ExpressLane:
         log_client_gone(_as_request(record), time.monotonic() - self._started)
         self._settle()
 
-    def _finish(self, status: int, *, client_dropped: bool = False) -> None:
+    def _finish(self, answer: Answer, *, client_dropped: bool = False) -> None:
         record = self._record
         assert record is not None
         record[BYTES_OUT] = self._sent
+        status = answer.status
         stats = self.express.stats
         stats.in_flight -= 1
-        stats.finish(_as_request(record), status, self._as_response(status))
+        stats.finish(_as_request(record), status, _as_response(answer))
         if ACCESS.isEnabledFor(logging.INFO):
             access_line(_as_request(record), status, self._sent,
                         time.monotonic() - self._started, str(record[FORWARDED_ID]))
@@ -460,20 +445,11 @@ class ExpressLane:
         else:
             self._handler.express_done(self._take_backlog() if self._backlog else b"")
 
-    def _as_response(self, status: int) -> web.StreamResponse | None:
-        """What the status page notes of a cluster's 5xx, as forward.py's answer would show."""
-        if status < 500:
-            return None
-        response = web.StreamResponse(status=status, reason=self._reason)
-        if self._error_code is not None:  # a proxy in front of the cluster said what failed
-            response.headers[ERROR_HEADER] = self._error_code
-        return response
-
     def _hand_over(self, *, answer: Answer | None = None, latency: float | None = None,
                    error: BaseException | None = None) -> None:
         conn = self._conn
         assert conn is not None and self._record is not None and self._token is not None
-        conn._listener = None  # from here on the answer is read as forward.py reads it
+        conn.stop_listening()  # from here on the answer is read as forward.py reads it
         handover = Handover(str(self._record[FORWARDED_ID]), self._token, self._started,
                             answer, latency, error)
         self.express.stats.in_flight -= 1  # counted again by aiohttp's path
@@ -506,6 +482,17 @@ class ExpressLane:
             if self._idle_waiter is None:
                 self._idle_waiter = asyncio.get_running_loop().create_future()
             await self._idle_waiter
+
+
+def _as_response(answer: Answer) -> web.StreamResponse | None:
+    """What the status page notes of a cluster's 5xx, as forward.py's answer would show."""
+    if answer.status < 500:
+        return None
+    response = web.StreamResponse(status=answer.status, reason=answer.reason)
+    code = answer.headers.get(ERROR_HEADER)
+    if code is not None:  # a proxy in front of the cluster said what failed
+        response.headers[ERROR_HEADER] = code
+    return response
 
 
 def _as_request(record: Record) -> web.Request:

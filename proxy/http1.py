@@ -314,12 +314,8 @@ class _Connection(asyncio.Protocol):
                 error = aiohttp.ServerDisconnectedError(
                     "the cluster closed the connection before it answered")
             self._exc = error
-            if error is not None and self._answer is not None and not self._answer.done():
-                self._answer.set_exception(error)
-            listener = self._listener
-            if error is not None and listener is not None and not self._head_done:
-                self._listener = None
-                listener.failed(error)
+            if error is not None:
+                self._tell_no_head(error)
         self._wake_reader()
         drainer = self._drainer
         if drainer is not None and not drainer.done():
@@ -499,12 +495,16 @@ class _Connection(asyncio.Protocol):
     def start(self, method: str, head: bytes, listener: AnswerListener) -> None:
         """A body-less exchange whose outcome goes to `listener` rather than to a waiting
         coroutine (express.py). `listener` may hand the exchange over to a coroutine at any
-        point by setting `_listener` to None and reading the answer as `exchange` returns it."""
+        point: `stop_listening`, then read the answer as `exchange` returns it."""
         self._answer = None
         self._listener = listener
         self._begin(method, head)
         self._body_sent = self._cluster_owes = True
         self._start_timer()
+
+    def stop_listening(self) -> None:
+        """From here on the answer is read by a coroutine (readany), as after `exchange`."""
+        self._listener = None
 
     def _begin(self, method: str, head: bytes) -> None:
         assert self.transport is not None and self._parser is None
@@ -596,16 +596,18 @@ class _Connection(asyncio.Protocol):
             return
         if self._exc is None:
             self._exc = exc
+        self._wake_reader()  # a body under way: its reader gets the error
+        self._drop()
+        self._tell_no_head(exc)  # dropped first: a listener may hand the request over
+
+    def _tell_no_head(self, exc: BaseException) -> None:
+        """Whoever waits for the answer's head learns that none will come (no-op once it came)."""
         if self._answer is not None and not self._answer.done():
             self._answer.set_exception(exc)
         listener = self._listener
         if listener is not None and not self._head_done:
             self._listener = None
-            self._drop()
             listener.failed(exc)
-            return
-        self._wake_reader()
-        self._drop()
 
     def _drop(self) -> None:
         self._stop_timer()

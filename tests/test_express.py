@@ -10,6 +10,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import pytest
@@ -41,18 +42,6 @@ class Served:
         return server.requests_count
 
 
-@pytest.fixture
-async def lane(scripted: tuple[ScriptedCluster, URL]) -> AsyncIterator[Served]:
-    """A proxy as the CLI serves it, express lane included, in front of the scripted cluster."""
-    _, url = scripted
-    app = make_app(proxy_settings(url))
-    runner = ProxyAppRunner(app, header_timeout=5.0, handle_signals=False, shutdown_timeout=2.0)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield Served(URL(f"http://127.0.0.1:{runner.addresses[0][1]}"), runner)
-    await runner.cleanup()
-
-
 class FullPathRunner(ProxyAppRunner):
     """The CLI's runner with the lane closed: every request takes aiohttp's full path."""
 
@@ -60,16 +49,31 @@ class FullPathRunner(ProxyAppRunner):
         return ProxyServer(await web.AppRunner._make_server(self), self._header_timeout, None)
 
 
+async def serve(cluster: URL, runner_class: type[ProxyAppRunner] = ProxyAppRunner, *,
+                grace: float = 2.0, **overrides: Any) -> Served:
+    """A proxy in front of `cluster`, served as the CLI serves it (lane included, unless the
+    runner closes it); keyword arguments override Settings. The caller cleans up."""
+    runner = runner_class(make_app(proxy_settings(cluster, **overrides)), header_timeout=5.0,
+                          handle_signals=False, shutdown_timeout=grace)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return Served(URL(f"http://127.0.0.1:{runner.addresses[0][1]}"), runner)
+
+
+@pytest.fixture
+async def lane(scripted: tuple[ScriptedCluster, URL]) -> AsyncIterator[Served]:
+    """A proxy with the express lane in front of the scripted cluster."""
+    served = await serve(scripted[1])
+    yield served
+    await served.runner.cleanup()
+
+
 @pytest.fixture
 async def full(scripted: tuple[ScriptedCluster, URL]) -> AsyncIterator[URL]:
     """The same proxy without the lane, for comparisons."""
-    _, url = scripted
-    runner = FullPathRunner(make_app(proxy_settings(url)), header_timeout=5.0,
-                            handle_signals=False, shutdown_timeout=2.0)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield URL(f"http://127.0.0.1:{runner.addresses[0][1]}")
-    await runner.cleanup()
+    served = await serve(scripted[1], FullPathRunner)
+    yield served.url
+    await served.runner.cleanup()
 
 
 async def exchange(url: URL, request: bytes, answers: int = 1) -> bytes:
@@ -442,11 +446,8 @@ async def test_a_client_leaving_is_logged_and_frees_the_connection(
     """499 in the access log, counted as client_closed, and the pool slot back (pool of 1)."""
     caplog.set_level(logging.INFO, logger="squirro_proxy.access")
     cluster, url = scripted
-    app = make_app(proxy_settings(url, pool_size=1))
-    runner = ProxyAppRunner(app, header_timeout=5.0, handle_signals=False, shutdown_timeout=2.0)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    proxy = URL(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    served = await serve(url, pool_size=1)
+    proxy, runner = served.url, served.runner
     try:
         arrived = asyncio.Event()
         never = asyncio.Event()
@@ -542,11 +543,8 @@ async def test_a_stop_lets_a_handed_over_answer_finish(
     aiohttp's path still relays it whole, also after the first grace period, as aiohttp gives
     a handler up to two."""
     cluster, url = scripted
-    runner = ProxyAppRunner(make_app(proxy_settings(url)), header_timeout=5.0,
-                            handle_signals=False, shutdown_timeout=grace)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    proxy = URL(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    served = await serve(url, grace=grace)
+    proxy, runner = served.url, served.runner
     arrived = asyncio.Event()
 
     async def late(request: Request, writer: asyncio.StreamWriter) -> bool:

@@ -57,7 +57,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         )
     yield
     if POOL in app:
-        app[POOL].close()
+        await app[POOL].close()
     for key in (TOKEN_SESSION, WS_SESSION, SESSION):
         if key in app:
             await app[key].close()

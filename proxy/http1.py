@@ -31,6 +31,8 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from .tasks import cancel_and_wait
+
 # Limits on the cluster's answer head, as the aiohttp session had them (max_field_size): a
 # broken or hostile cluster cannot make the proxy buffer without end.
 MAX_FIELD = 65536
@@ -48,6 +50,8 @@ LISTENER_FLUSH = 64 * 1024
 IDLE_REUSE = 15.0
 # Seconds before the next address of the cluster's name is tried while one is still connecting.
 HAPPY_EYEBALLS_DELAY = 0.25
+# Seconds without spare connections (see ClusterPool.take_idle) after one failed to connect.
+SPARE_BACKOFF = 1.0
 # Header fields whose values the proxy reads (lower case, as llhttp hands them over, bytes).
 NOTED = frozenset((b"content-length", b"transfer-encoding", b"connection", b"content-type",
                    b"date", b"server"))
@@ -192,7 +196,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.protocol = self  # splice.py pauses reading through `connection.protocol`
         self.closed = False  # set as soon as the proxy drops it, before connection_lost
-        self.reused = False
+        # It has waited in the pool: the cluster may have closed it meanwhile (see _Stale).
+        self.pooled = False
         self.exchanges = 0
         self.idle_since = 0.0
         self._in_use = False
@@ -308,7 +313,7 @@ class _Connection(asyncio.Protocol):
             elif self._head_done:
                 error = aiohttp.ClientPayloadError(
                     "the cluster closed the connection before the end of the body")
-            elif self.reused and not self._got_bytes:
+            elif self.pooled and not self._got_bytes:
                 error = _Stale("the cluster closed a pooled connection")
             else:
                 error = aiohttp.ServerDisconnectedError(
@@ -576,7 +581,7 @@ class _Connection(asyncio.Protocol):
         self._answer = None
         self._listener = None
         if reusable:
-            self.reused = True
+            self.pooled = True
             self.idle_since = self._loop.time()
         else:
             self._drop()
@@ -674,6 +679,8 @@ class ClusterPool:
         self._open: set[_Connection] = set()
         self._busy = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._spare: asyncio.Task[None] | None = None
+        self._no_spare_until = 0.0
 
     async def request(self, method: str, target: str, headers: CIMultiDict[str],
                       body: AsyncIterator[bytes] | None, *, fresh: bool = False) -> Answer:
@@ -735,14 +742,38 @@ class ClusterPool:
         return conn
 
     def take_idle(self) -> _Connection | None:
-        """An idle connection and its slot, at once, or None (none idle, or no slot free)."""
+        """An idle connection and its slot, at once, or None (none idle, or no slot free).
+
+        When none is idle but a slot is free, one more connection is opened in the background,
+        for a later call. Why: the caller (the express lane) cannot wait, and leaves the request
+        to `request`, which connects only if no connection is idle by the time it runs; under
+        steady load one usually is (freed in between), so the pool stayed smaller than the
+        load, and a sixth of the requests missed the lane (2026-11-29: 21 connections for 32
+        clients, 25% fewer requests/s)."""
         if self._busy >= self.limit or self._waiters:
             return None
         conn = self._pop_idle()
         if conn is not None:
             self._busy += 1
             conn._in_use = True
+        elif self._spare is None and len(self._open) < self.limit and \
+                self.loop.time() >= self._no_spare_until:
+            self._spare = self.loop.create_task(self._open_spare())
         return conn
+
+    async def _open_spare(self) -> None:
+        try:
+            conn = await self._connect(self.loop.time() + self.connect_timeout)
+        except Exception:  # requests find out, and say what failed, on their own path
+            self._no_spare_until = self.loop.time() + SPARE_BACKOFF
+        else:
+            conn.pooled = True
+            conn.idle_since = self.loop.time()
+            # At the bottom: the connections used last go first, and a spare only when the
+            # load needs it (otherwise it ages out, see IDLE_REUSE).
+            self._idle.insert(0, conn)
+        finally:
+            self._spare = None
 
     def _pop_idle(self) -> _Connection | None:
         now = self.loop.time()
@@ -823,8 +854,9 @@ class ClusterPool:
     def forget(self, conn: _Connection) -> None:
         self._open.discard(conn)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Close every connection (at shutdown, after the requests have drained)."""
+        await cancel_and_wait(self._spare)
         for conn in list(self._open):
             conn._drop()
         self._idle.clear()

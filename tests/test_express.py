@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.web_server import Server
 from yarl import URL
 
-from proxy.app import make_app
+from proxy.app import POOL, make_app
 from proxy.connection import ProxyAppRunner, ProxyRequestHandler, ProxyServer
 from proxy.http1 import HIGH_WATER
 from tests.conftest import proxy_settings
@@ -301,6 +301,43 @@ async def test_the_lane_opens_again_after_the_full_path(
     finally:
         writer.close()
     assert lane.handled_by_aiohttp == before + 1
+
+
+async def test_a_request_left_to_aiohttp_readies_a_connection_for_the_next(
+    scripted: tuple[ScriptedCluster, URL], lane: Served
+) -> None:
+    """A GET the lane leaves to aiohttp for want of an idle connection has one more opened
+    beside it: afterwards, one GET more than before at once all take the lane."""
+    cluster, _ = scripted
+    pool = lane.runner.app[POOL]
+    await warm(lane.url)
+    await until(lambda: pool._spare is None)
+    together = len(pool._idle) + 1
+    waiting: list[asyncio.Event] = []
+
+    async def held(request: Request, writer: asyncio.StreamWriter) -> bool:
+        arrived = asyncio.Event()
+        waiting.append(arrived)
+        if len(waiting) == together:  # the last of a round to arrive lets the round go
+            for event in waiting:
+                event.set()
+            waiting.clear()
+        await arrived.wait()
+        return await ok()(request, writer)
+
+    async def round_of_gets() -> None:
+        answers = await asyncio.wait_for(asyncio.gather(
+            *(exchange(lane.url, get("/api/held")) for _ in range(together))), 10)
+        assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+
+    cluster.scripts["/api/held"] = held
+    before = lane.handled_by_aiohttp
+    await round_of_gets()  # one more than the idle connections: aiohttp connects for it
+    assert lane.handled_by_aiohttp == before + 1
+    await until(lambda: pool._spare is None)
+    together += 1
+    await round_of_gets()
+    assert lane.handled_by_aiohttp == before + 1  # the connection readied beside it served
 
 
 async def test_pipelined_requests_are_answered_in_order(

@@ -18,7 +18,7 @@ from yarl import URL
 
 from proxy.http1 import AddrInfo, ClusterPool
 from tests.conftest import StartProxy
-from tests.helpers import raw_exchange, unanswered_port
+from tests.helpers import closed_port, raw_exchange, unanswered_port, until
 from tests.scripted import Answer, Request, ScriptedCluster, ok, raw
 
 ERROR_HEADER = "X-Squirro-Proxy-Error"
@@ -487,7 +487,42 @@ async def test_requests_that_gave_up_waiting_leave_no_trace_in_the_pool(
     second = await pool.request("GET", "/api/x", CIMultiDict(), None)
     assert await second.content.readany() == b"ok"
     second.release()
-    pool.close()
+    await pool.close()
+
+
+async def test_no_idle_connection_readies_one_for_the_next_take(
+    scripted: tuple[ScriptedCluster, URL],
+) -> None:
+    """take_idle() cannot wait: finding none idle, it opens one in the background, which the
+    next request finds; a request sent on it is the connection's first."""
+    cluster, url = scripted
+    pool = ClusterPool(url, limit=4, connect_timeout=5, read_timeout=5, ssl_context=None)
+    try:
+        assert pool.take_idle() is None
+        assert pool.take_idle() is None  # one at a time: still the one under way
+        await until(lambda: cluster.connections == 1 and pool._spare is None)
+        answer = await pool.request("GET", "/api/x", CIMultiDict(), None)
+        assert await answer.content.readany() == b"ok"
+        answer.release()
+        assert cluster.connections == 1
+        assert [(r.connection, r.nth) for r in cluster.api()] == [(1, 1)]
+    finally:
+        await pool.close()
+
+
+async def test_a_cluster_out_of_reach_is_not_tried_at_every_take() -> None:
+    """A spare connection that fails to connect waits SPARE_BACKOFF before the next try."""
+    pool = ClusterPool(URL(f"http://127.0.0.1:{closed_port()}"), limit=4,
+                       connect_timeout=5, read_timeout=5, ssl_context=None)
+    try:
+        assert pool.take_idle() is None
+        spare = pool._spare
+        assert spare is not None
+        await spare
+        assert pool.take_idle() is None
+        assert pool._spare is None  # not tried again so soon
+    finally:
+        await pool.close()
 
 
 async def test_half_closed_cluster_with_upload_unsent_ends_the_answer(
@@ -576,5 +611,5 @@ async def test_an_address_that_does_not_answer_is_passed_by(
         took = loop.time() - started
         assert await answer.content.readany() == b"ok"
         answer.release()
-        pool.close()
+        await pool.close()
     assert took < 2.5

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -58,7 +59,7 @@ from .forward import (
 )
 from .forward import log as forward_log
 from .guard import GUARD, Guard, target_problem
-from .headers import REQUEST_ID, client_response_pairs, named_in, upstream_request_pairs
+from .headers import client_response_pairs, named_in, upstream_request_pairs
 from .http1 import HIGH_WATER, Answer, ClusterPool, _Connection, _Stale
 from .logs import ACCESS, access_line, log_client_gone
 from .metrics import METRICS, RequestStats
@@ -69,7 +70,7 @@ if TYPE_CHECKING:
     from .connection import ProxyRequestHandler
 
 log = logging.getLogger("squirro_proxy.express")
-_NOTHING: frozenset[str] = frozenset()
+_NOTHING: frozenset[bytes] = frozenset()
 
 # Request headers that send a request to aiohttp (lower case): they ask for what only the full
 # path does (a body, an upgrade, 100-continue, a CORS decision).
@@ -79,13 +80,19 @@ _NOT_EXPRESS = frozenset((
 ))
 # Headers aiohttp's parser refuses to see twice (400): so does the lane, by leaving it to them.
 _SINGLETONS = frozenset(name.encode() for name in SINGLETON_HEADERS)
-_CROSS_SITE = frozenset(("cross-site", "same-site"))
+_CROSS_SITE = frozenset((b"cross-site", b"same-site"))
 _LOOKED_AT = _NOT_EXPRESS | _SINGLETONS | {b"x-request-id", b"connection", b"sec-fetch-site"}
 # Connection tokens that name no header.
-_PLAIN_CONNECTION = frozenset(("keep-alive", "close"))
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close"))
 # Response headers aiohttp adds when missing: an answer whose Connection names one of them
 # (absurd, but possible) is left to forward.py, so that the lane need not know what it drops.
-_DEFAULTED = frozenset(("content-type", "date", "server"))
+_DEFAULTED = frozenset((b"content-type", b"date", b"server"))
+# A reason phrase with anything but printable ASCII is left to forward.py: aiohttp's writer
+# refuses control characters, and decodes the rest (bytes that are no UTF-8 become "?").
+_ODD_REASON = re.compile(b"[^\x20-\x7e]")
+_SERVER = b"Server: " + SERVER_SOFTWARE.encode() + b"\r\n"
+_REQUEST_ID = b"X-Request-ID"
+_DATE: tuple[str, bytes] = ("", b"")
 # Backlog (pipelined bytes) held while a request is under way before the client is paused.
 _BACKLOG_PAUSE = 1024 * 1024
 
@@ -106,6 +113,7 @@ class Express:
     stats: RequestStats
     head_limit: int  # bytes: a head this short is within every one of aiohttp's limits
     max_headers: int
+    prefix: bytes  # the cluster's path prefix, which upstream.prefix holds as str
 
     @classmethod
     def for_app(cls, app: web.Application) -> Express | None:
@@ -117,7 +125,8 @@ class Express:
                 not guard.deny.empty:
             return None
         return cls(up, up.pool, guard, app[METRICS].stats,
-                   min(settings.max_line_size, settings.max_field_size), settings.max_headers)
+                   min(settings.max_line_size, settings.max_field_size), settings.max_headers,
+                   up.prefix.encode("utf-8", "surrogateescape"))
 
 
 class Record(dict[object, object]):
@@ -147,8 +156,10 @@ class ExpressLane:
         "_idle_waiter",
         "_keep_alive",
         "_parser",
+        "_proxy_base",
         "_record",
         "_request_id",
+        "_rid",
         "_sent",
         "_shape_ok",
         "_singletons",
@@ -169,41 +180,48 @@ class ExpressLane:
         self._backlog_size = 0
         self._idle_waiter: asyncio.Future[None] | None = None
         self._begins = self._ends = 0
-        self._reset_parse()
+        # What the parser's callbacks gather of a request (on_message_begin resets them): the
+        # bytes as they came, decoded only where the lane reads them.
+        self._url = b""
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._shape_ok = True
+        self._host: bytes | None = None
+        self._singletons: set[bytes] = set()
+        self._request_id: bytes | None = None
+        self._version = ""
+        self._keep_alive = False
         # The request under way (`offer` sets them; `_settle` clears what callbacks look at).
         self._chunk = b""
         self._conn: _Connection | None = None
         self._answer: Answer | None = None
         self._record: Record | None = None
         self._head: bytes | None = None
+        self._rid = b""
+        self._proxy_base = ""
         self._sent = 0
         self._started = 0.0
         self._token: AccessToken | None = None
-
-    def _reset_parse(self) -> None:
-        self._url = b""
-        self._fields: list[tuple[str, str]] = []
-        self._shape_ok = True
-        self._host: str | None = None
-        self._singletons: set[bytes] = set()
-        self._request_id: str | None = None
-        self._version = ""
-        self._keep_alive = False
 
     # --- the request's bytes ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._begins += 1
-        self._reset_parse()
+        self._url = b""
+        self._fields = []
+        self._shape_ok = True
+        self._host = None
+        self._singletons = set()
+        self._request_id = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # As aiohttp's parser hands them over: trailing whitespace gone (llhttp keeps it), and
-        # bytes that are no UTF-8 surviving the way on unchanged.
-        text = value.rstrip(b" \t").decode("utf-8", "surrogateescape")
-        self._fields.append((name.decode("utf-8", "surrogateescape"), text))
+        # As aiohttp's parser hands them over: trailing whitespace gone (llhttp keeps it). Not
+        # decoded: sent on as they came, they are what aiohttp's decoding (with bytes that are
+        # no UTF-8 surviving) and the client's encoding would give.
+        value = value.rstrip(b" \t")
+        self._fields.append((name, value))
         lname = name.lower()
         if lname not in _LOOKED_AT:
             return
@@ -215,12 +233,12 @@ class ExpressLane:
                 self._shape_ok = False
             seen.add(lname)
             if lname == b"host":
-                self._host = text
+                self._host = value
         elif lname == b"x-request-id":
             if self._request_id is None:
-                self._request_id = text
-        elif (lname == b"connection" and text.lower() != "keep-alive") or (
-                lname == b"sec-fetch-site" and text in _CROSS_SITE):
+                self._request_id = value
+        elif (lname == b"connection" and value.lower() != b"keep-alive") or (
+                lname == b"sec-fetch-site" and value in _CROSS_SITE):
             self._shape_ok = False  # closes after the answer; a cross-site page: the guard's
 
     def on_headers_complete(self) -> None:
@@ -250,28 +268,32 @@ class ExpressLane:
         ):
             return Verdict.WHOLE
         raw = self._url.decode("utf-8", "surrogateescape")
+        host = self._host.decode("utf-8", "surrogateescape")
         guard = express.guard
         if raw.startswith(OPS_PREFIX) or target_problem(raw) is not None or \
-                not guard.host_allowed(self._host) or (
+                not guard.host_allowed(host) or (
                     # aiohttp's router decodes the path: /%2D/metrics is the proxy's own too.
                     "%" in raw and unquote(raw.partition("?")[0]).startswith(OPS_PREFIX)):
             return Verdict.WHOLE
-        if guard.wants_client_token and \
-                not guard.client_token_ok(CIMultiDictProxy(CIMultiDict(self._fields))):
+        if guard.wants_client_token and not guard.client_token_ok(CIMultiDictProxy(CIMultiDict(
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+                for name, value in self._fields))):
             return Verdict.WHOLE
         up = express.upstream
         token = up.tokens.current
         now = time.monotonic()
-        if token is None or not token.valid(now):
+        if token is None or now >= token.expires_at:
             return Verdict.WHOLE  # aiohttp's path waits for it, or says why there is none
         conn = express.pool.take_idle()
         if conn is None:
             return Verdict.WHOLE  # aiohttp's path waits for a slot or connects
-        rid = request_id_of(self._request_id)
+        incoming = self._request_id
+        rid = request_id_of(None if incoming is None else incoming.decode("latin-1"))
+        self._rid = rid_bytes = rid.encode()  # ASCII, as request_id_of makes sure
         # Connection can only say keep-alive here, which names no other header.
         fields = upstream_request_pairs(self._fields, _NOTHING,
                                         forward_cookies=up.settings.forward_cookies)
-        fields += ((REQUEST_ID, rid), ("Authorization", "Bearer " + token.value))
+        fields += ((_REQUEST_ID, rid_bytes), (b"Authorization", token.authorization))
         record = Record(((RETRIED, False), (BYTES_IN, 0), (FORWARDED_ID, rid)))
         record.raw_path = raw
         self.busy = True
@@ -281,8 +303,9 @@ class ExpressLane:
         self._token = token
         self._started = now
         self._sent = 0
+        self._proxy_base = "http://" + host
         express.stats.in_flight += 1
-        conn.start("GET", express.pool.request_head("GET", up.prefix + raw, fields), self)
+        conn.start("GET", express.pool.get_head(express.prefix + self._url, fields), self)
         return Verdict.TAKEN
 
     def hold(self, data: bytes) -> None:
@@ -314,31 +337,30 @@ class ExpressLane:
         noted = answer.noted
         connection = noted.get(b"connection")
         named = _NOTHING if connection is None or connection.lower() in _PLAIN_CONNECTION \
-            else named_in((connection,))
+            else _connection_named(connection)
         if status in (401, 204, 304) or length is None or length > HIGH_WATER or \
-                not named.isdisjoint(_DEFAULTED) or not answer.reason.isprintable():
-            # (A reason with control characters: aiohttp's writer refuses it, with a 500.)
+                not named.isdisjoint(_DEFAULTED) or _ODD_REASON.search(answer.raw_reason):
             self._hand_over(answer=answer, latency=latency)
             return
         settings = self.express.upstream.settings
-        lines = ["HTTP/1.1 ", str(status), " ", answer.reason, "\r\n"]
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, answer.raw_reason)]
         for name, value in client_response_pairs(
-            answer.fields, named, cluster=settings.cluster,
-            proxy_base=f"http://{self._host}", forward_cookies=settings.forward_cookies,
+            answer.raw_fields, named, cluster=settings.cluster,
+            proxy_base=self._proxy_base, forward_cookies=settings.forward_cookies,
         ):
-            lines += (name, ": ", value, "\r\n")
-        lines += (REQUEST_ID, ": ", str(record[FORWARDED_ID]), "\r\n")
+            parts += (name, b": ", value, b"\r\n")
+        parts += (_REQUEST_ID, b": ", self._rid, b"\r\n")
         # What aiohttp's StreamResponse adds when it prepares the same headers (the rules
         # drop none of these three).
         if length and b"content-type" not in noted:
-            lines.append("Content-Type: application/octet-stream\r\n")
+            parts.append(b"Content-Type: application/octet-stream\r\n")
         if b"date" not in noted:
-            lines += ("Date: ", rfc822_formatted_time(), "\r\n")
+            parts.append(_date_line())
         if b"server" not in noted:
-            lines += ("Server: ", SERVER_SOFTWARE, "\r\n")
-        lines.append("\r\n")
+            parts.append(_SERVER)
+        parts.append(b"\r\n")
         # Values came through llhttp or are the proxy's own: none holds a line break.
-        self._head = "".join(lines).encode("utf-8", "surrogateescape")
+        self._head = b"".join(parts)
         self._answer = answer
 
     def failed(self, exc: BaseException) -> None:
@@ -482,6 +504,21 @@ class ExpressLane:
             if self._idle_waiter is None:
                 self._idle_waiter = asyncio.get_running_loop().create_future()
             await self._idle_waiter
+
+
+def _connection_named(connection: bytes) -> frozenset[bytes]:
+    """The header names a Connection value lists (lower case), as the answer's bytes spell them."""
+    text = connection.decode("utf-8", "surrogateescape")
+    return frozenset(name.encode("utf-8", "surrogateescape") for name in named_in((text,)))
+
+
+def _date_line() -> bytes:
+    """The Date header aiohttp would add, encoded once a second (aiohttp's own clock)."""
+    global _DATE
+    text = rfc822_formatted_time()  # the same str object until the second changes
+    if text is not _DATE[0]:
+        _DATE = (text, b"Date: " + text.encode() + b"\r\n")
+    return _DATE[1]
 
 
 def _as_response(answer: Answer) -> web.StreamResponse | None:

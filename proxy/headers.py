@@ -3,39 +3,49 @@
 RFC 9110 section 7.6.1: hop-by-hop headers describe one connection and must not be forwarded,
 nor may any header the `Connection` header names.
 
-Each direction has a core over (name, value) pairs, which the express lane (express.py)
-serializes itself, and a wrapper in the multidicts aiohttp takes and gives.
+Each direction has a core over (name, value) pairs, and a wrapper in the multidicts aiohttp
+takes and gives. The cores take str pairs (from those multidicts) or bytes pairs (the express
+lane's, straight from the parser, which it serializes without decoding): the name sets below
+hold both spellings, so one set of rules serves both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import AnyStr
 
 from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        hdrs.CONNECTION, hdrs.KEEP_ALIVE, hdrs.PROXY_AUTHORIZATION, hdrs.PROXY_AUTHENTICATE,
-        hdrs.TE, hdrs.TRAILER, hdrs.TRANSFER_ENCODING, hdrs.UPGRADE,
-        "Proxy-Connection",  # non-standard, still sent by some old clients
-    )
+
+def lower_names(*names: str) -> frozenset[str | bytes]:
+    """Header names in lower case, as str and as bytes."""
+    lowered = [name.lower() for name in names]
+    return frozenset((*lowered, *(name.encode() for name in lowered)))
+
+
+HOP_BY_HOP = lower_names(
+    hdrs.CONNECTION, hdrs.KEEP_ALIVE, hdrs.PROXY_AUTHORIZATION, hdrs.PROXY_AUTHENTICATE,
+    hdrs.TE, hdrs.TRAILER, hdrs.TRANSFER_ENCODING, hdrs.UPGRADE,
+    "Proxy-Connection",  # non-standard, still sent by some old clients
 )
 REQUEST_ID = "X-Request-ID"
 # Request headers the proxy sets itself (or answers itself, like Expect: aiohttp has already
 # told the client to continue).
-REQUEST_OWN = frozenset(h.lower() for h in (hdrs.HOST, hdrs.AUTHORIZATION, hdrs.EXPECT))
-REQUEST_DROPPED = HOP_BY_HOP | REQUEST_OWN | {REQUEST_ID.lower()}
-RESPONSE_DROPPED = HOP_BY_HOP | {REQUEST_ID.lower()}
-COOKIE_REQUEST = "cookie"
-COOKIE_RESPONSE = frozenset(("set-cookie", "set-cookie2"))
+REQUEST_OWN = lower_names(hdrs.HOST, hdrs.AUTHORIZATION, hdrs.EXPECT)
+REQUEST_DROPPED = HOP_BY_HOP | REQUEST_OWN | lower_names(REQUEST_ID)
+RESPONSE_DROPPED = HOP_BY_HOP | lower_names(REQUEST_ID)
+COOKIE_REQUEST = lower_names("Cookie")
+COOKIE_RESPONSE = lower_names("Set-Cookie", "Set-Cookie2")
 # CORS is decided by the proxy (guard.py), never by the cluster's own answer.
 CORS_PREFIX = "access-control-"
+_CORS_PREFIXES = frozenset((CORS_PREFIX, CORS_PREFIX.encode()))
+_CORS_LENGTH = len(CORS_PREFIX)
+_LOCATION = lower_names(hdrs.LOCATION)
 
 
-Pairs = list[tuple[str, str]]
+Pairs = list[tuple[AnyStr, AnyStr]]
 
 
 def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
@@ -52,20 +62,20 @@ def named_in(connection_values: Iterable[str]) -> frozenset[str]:
 
 
 def upstream_request_pairs(
-    incoming: Iterable[tuple[str, str]],
-    named: frozenset[str],
+    incoming: Iterable[tuple[AnyStr, AnyStr]],
+    named: frozenset[str] | frozenset[str | bytes],
     *,
     forward_cookies: bool,
-) -> Pairs:
+) -> Pairs[AnyStr]:
     """The client's headers the cluster gets: minus hop-by-hop (and those `named` by Connection)
     and the ones the proxy sets itself (Host, Authorization, X-Request-ID)."""
-    out: Pairs = []
-    spelling: dict[str, str] = {}
+    out: Pairs[AnyStr] = []
+    spelling: dict[AnyStr, AnyStr] = {}
     for name, value in incoming:
         lname = name.lower()
         if lname in REQUEST_DROPPED or lname in named:
             continue
-        if not forward_cookies and lname == COOKIE_REQUEST:
+        if not forward_cookies and lname in COOKIE_REQUEST:
             continue
         # Repeats keep the first spelling of the name: aiohttp's client merges headers by exact
         # spelling and would let a later "x-multi" replace earlier "X-Multi" values.
@@ -91,27 +101,35 @@ def upstream_request_headers(
 
 
 def client_response_pairs(
-    upstream: Iterable[tuple[str, str]],
-    named: frozenset[str],
+    upstream: Iterable[tuple[AnyStr, AnyStr]],
+    named: frozenset[str] | frozenset[str | bytes],
     *,
     cluster: URL,
     proxy_base: str,
     forward_cookies: bool,
-) -> Pairs:
+) -> Pairs[AnyStr]:
     """The cluster's headers the client gets: minus hop-by-hop (and those `named` by
     Connection), cookies, CORS and the request id (the proxy sets its own); Location pointed
     back at the proxy."""
-    out: Pairs = []
+    out: Pairs[AnyStr] = []
     for name, value in upstream:
         lname = name.lower()
-        if lname in RESPONSE_DROPPED or lname in named or lname.startswith(CORS_PREFIX):
+        if lname in RESPONSE_DROPPED or lname in named or lname[:_CORS_LENGTH] in _CORS_PREFIXES:
             continue
         if not forward_cookies and lname in COOKIE_RESPONSE:
             continue
-        if lname == "location":
-            value = rewrite_location(value, cluster, proxy_base)
+        if lname in _LOCATION:
+            value = _rewrite_either(value, cluster, proxy_base)
         out.append((name, value))
     return out
+
+
+def _rewrite_either(value: AnyStr, cluster: URL, proxy_base: str) -> AnyStr:
+    if isinstance(value, str):
+        return rewrite_location(value, cluster, proxy_base)
+    # Bytes as aiohttp would have decoded them: what is no UTF-8 survives the way back.
+    text = value.decode("utf-8", "surrogateescape")
+    return rewrite_location(text, cluster, proxy_base).encode("utf-8", "surrogateescape")
 
 
 def client_response_headers(

@@ -87,10 +87,13 @@ class AccessToken:
     lifetime: float
     refresh_at: float  # monotonic
     obtained_wall: float  # epoch seconds, for people
+    # Made once, for the many requests that check and send the token (express.py).
+    expires_at: float = field(init=False)  # monotonic
+    authorization: bytes = field(init=False, repr=False)  # the header's value, encoded
 
-    @property
-    def expires_at(self) -> float:
-        return self.obtained_at + self.lifetime
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "expires_at", self.obtained_at + self.lifetime)
+        object.__setattr__(self, "authorization", b"Bearer " + self.value.encode())
 
     def valid(self, now: float) -> bool:
         return now < self.expires_at

@@ -110,28 +110,34 @@ class RequestStats:
     def finish(self, request: web.Request, status: int,
                response: web.StreamResponse | None) -> None:
         """Account for one finished request (status 0: the client went away first)."""
-        method = request.method
+        # RETRIED and BYTES_IN are always there (the middleware sets them); the other two are
+        # missing only on answers the proxy made itself, the rare case `get` pays for.
+        self.count(request.method, status, request[BYTES_IN], request.get(BYTES_OUT, 0),
+                   request[RETRIED], request.get(UPSTREAM_LATENCY))
+        if status >= 500:
+            self.note_error(request, status, response)
+
+    def count(self, method: str, status: int, bytes_in: int, bytes_out: int, retried: bool,
+              latency: float | None) -> None:
+        """The counters of `finish` (the express lane, which has no request object to hand,
+        calls it directly, and `note_error` for a 5xx)."""
         if method not in _METHODS:
             method = "OTHER"
         key = (method, _STATUS_CLASS[status // 100 % 10])
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-        # RETRIED and BYTES_IN are always there (the middleware sets them); the other two are
-        # missing only on answers the proxy made itself, the rare case `get` pays for.
-        self.bytes_in += request[BYTES_IN]
-        if request[RETRIED]:
+        self.bytes_in += bytes_in
+        if retried:
             self.retried += 1
-        self.bytes_out += request.get(BYTES_OUT, 0)
-        latency = request.get(UPSTREAM_LATENCY)
+        self.bytes_out += bytes_out
         if latency is not None:
             self.latency_buckets[bisect_left(LATENCY_BUCKETS, latency)] += 1
             self.latency_sum += latency
             self.recent_latencies.append(latency)
-        if status >= 500:
-            self._note_error(request, status, response)
 
-    def _note_error(self, request: web.Request, status: int,
-                    response: web.StreamResponse | None) -> None:
+    def note_error(self, request: web.Request, status: int,
+                   response: web.StreamResponse | None) -> None:
+        """A 5xx, for the status page."""
         # Rare path: the cost of looking into the body is fine here.
         code = response.headers.get(ERROR_HEADER) if response is not None else None
         detail = response.reason if response is not None else "internal error"

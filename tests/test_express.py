@@ -264,6 +264,37 @@ async def test_odd_requests_get_what_the_full_path_gives(
     assert seen[0] == seen[1]
 
 
+async def closes_after_answer(url: URL, request: bytes) -> bool:
+    """Whether the proxy closes the connection once it has answered `request`."""
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        try:
+            return await asyncio.wait_for(reader.read(1), 0.5) == b""
+        except TimeoutError:
+            return False
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("extra", [
+    b"", b"Connection: keep-alive\r\n", b"Connection: close\r\n",
+    b"Proxy-Connection: close\r\n", b"Proxy-Connection: keep-alive\r\n",
+    b"Connection: keep-alive\r\nConnection: close\r\n",
+], ids=["none", "keep-alive", "close", "proxy-close", "proxy-keep-alive", "both"])
+async def test_the_connection_stays_open_as_the_full_path_leaves_it(
+    scripted: tuple[ScriptedCluster, URL], lane: Served, full: URL, extra: bytes
+) -> None:
+    request = b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra + b"\r\n"
+    await warm(lane.url)
+    await warm(full)
+    assert await closes_after_answer(lane.url, request) == \
+        await closes_after_answer(full, request)
+
+
 @pytest.mark.parametrize(("request_bytes", "status"), [
     (b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\nSec-Fetch-Site: cross-site \r\n\r\n", 403),
     (b"GET /api/x HTTP/1.1\r\nHost: evil.example  \r\n\r\n", 403),

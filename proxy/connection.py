@@ -139,7 +139,8 @@ class ProxyRequestHandler(RequestHandler):
                 self._deferrals = 0
                 verdict = lane.offer(data)
                 if verdict is Verdict.TAKEN:
-                    self._disarm()  # a whole head: no deadline to watch
+                    if self._head_timer is not None:
+                        self._disarm()  # a whole head: no deadline to watch
                     self._body = None
                     return
                 if verdict is Verdict.BROKEN:

@@ -392,7 +392,7 @@ class _Connection(asyncio.Protocol):
         # llhttp has checked the value is digits, and refused it next to Transfer-Encoding.
         content_length = int(length) if length is not None and not chunked else None
         reason = self._status_line
-        if _CONTROL.search(reason):
+        if reason != b"OK" and _CONTROL.search(reason):
             # llhttp lets them through; relayed, they would end the client's status line.
             raise InvalidAnswer("its status line holds control characters")
         no_body = self._method == "HEAD" or status in (204, 304)
@@ -405,7 +405,8 @@ class _Connection(asyncio.Protocol):
             self._listener.answered(answer)
         # Also when the cluster answers before it has read the whole body.
         self._cluster_owes = True
-        self._start_timer()
+        if self._timer is None:  # (usually armed already, and a call saved)
+            self._start_timer()
         if self._method == "HEAD":
             self._complete = True
             self._keep_alive = False  # where the head ended in this read is unknown: close
@@ -871,7 +872,10 @@ class ClusterPool:
     def release(self, conn: _Connection, reusable: bool) -> None:
         if reusable:
             self._idle.append(conn)
-        self._pass_slot()
+        if self._waiters:
+            self._pass_slot()
+        else:
+            self._busy -= 1  # (what _pass_slot does then, without a call per request)
 
     def forget(self, conn: _Connection) -> None:
         self._open.discard(conn)

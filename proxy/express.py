@@ -83,8 +83,9 @@ _NOT_EXPRESS = frozenset((
 _SINGLETONS = frozenset(name.encode() for name in SINGLETON_HEADERS)
 _CROSS_SITE = frozenset((b"cross-site", b"same-site"))
 _LOOKED_AT = _NOT_EXPRESS | _SINGLETONS | {b"x-request-id", b"connection", b"sec-fetch-site"}
-# Connection tokens that name no header.
-_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close"))
+# What the usual Connection values name, without parsing them (a header called "Close" is
+# as hop-by-hop as any other named there).
+_PLAIN_CONNECTION = {value: frozenset((value,)) for value in (b"keep-alive", b"close")}
 # Response headers aiohttp adds when missing: an answer whose Connection names one of them
 # (absurd, but possible) is left to forward.py, so that the lane need not know what it drops.
 _DEFAULTED = frozenset((b"content-type", b"date", b"server"))
@@ -295,7 +296,7 @@ class ExpressLane:
         self._rid = rid_bytes = rid.encode()  # ASCII, as request_id_of makes sure
         # Connection can only say keep-alive here, which names no other header.
         fields = upstream_request_pairs(self._fields, _NOTHING,
-                                        forward_cookies=up.settings.forward_cookies)
+                                        forward_cookies=up.settings.forward_cookies, raw=True)
         fields += ((_REQUEST_ID, rid_bytes), (b"Authorization", token.authorization))
         self.busy = True
         self._chunk = data
@@ -329,8 +330,8 @@ class ExpressLane:
             length = answer.content_length
             noted = answer.noted
             connection = noted.get(b"connection")
-            named = _NOTHING if connection is None or connection.lower() in _PLAIN_CONNECTION \
-                else _connection_named(connection)
+            named = _NOTHING if connection is None else \
+                _PLAIN_CONNECTION.get(connection.lower()) or _connection_named(connection)
             if status in (401, 204, 304) or length is None or length > HIGH_WATER or \
                     not named.isdisjoint(_DEFAULTED) or (
                         answer.raw_reason != b"OK" and _ODD_REASON.search(answer.raw_reason)):
@@ -340,7 +341,7 @@ class ExpressLane:
             parts = [b"HTTP/1.1 %d %s\r\n" % (status, answer.raw_reason)]
             for name, value in client_response_pairs(
                 answer.raw_fields, named, cluster=settings.cluster,
-                proxy_base=self._proxy_base, forward_cookies=settings.forward_cookies,
+                proxy_base=self._proxy_base, forward_cookies=settings.forward_cookies, raw=True,
             ):
                 parts += (name, b": ", value, b"\r\n")
             parts += (_REQUEST_ID, b": ", self._rid, b"\r\n")

@@ -4,45 +4,64 @@ RFC 9110 section 7.6.1: hop-by-hop headers describe one connection and must not 
 nor may any header the `Connection` header names.
 
 Each direction has a core over (name, value) pairs, and a wrapper in the multidicts aiohttp
-takes and gives. The cores take str pairs (from those multidicts) or bytes pairs (the express
-lane's, straight from the parser, which it serializes without decoding): the name sets below
-hold both spellings, so one set of rules serves both.
+takes and gives. The cores take str pairs (from those multidicts) or, with `raw=True`, bytes
+pairs (the express lane's, straight from the parser, which it serializes without decoding):
+one set of rules, its names spelled both ways.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import AnyStr
 
 from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-
-def lower_names(*names: str) -> frozenset[str | bytes]:
-    """Header names in lower case, as str and as bytes."""
-    lowered = [name.lower() for name in names]
-    return frozenset((*lowered, *(name.encode() for name in lowered)))
-
-
-HOP_BY_HOP = lower_names(
-    hdrs.CONNECTION, hdrs.KEEP_ALIVE, hdrs.PROXY_AUTHORIZATION, hdrs.PROXY_AUTHENTICATE,
-    hdrs.TE, hdrs.TRAILER, hdrs.TRANSFER_ENCODING, hdrs.UPGRADE,
-    "Proxy-Connection",  # non-standard, still sent by some old clients
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        hdrs.CONNECTION, hdrs.KEEP_ALIVE, hdrs.PROXY_AUTHORIZATION, hdrs.PROXY_AUTHENTICATE,
+        hdrs.TE, hdrs.TRAILER, hdrs.TRANSFER_ENCODING, hdrs.UPGRADE,
+        "Proxy-Connection",  # non-standard, still sent by some old clients
+    )
 )
 REQUEST_ID = "X-Request-ID"
 # Request headers the proxy sets itself (or answers itself, like Expect: aiohttp has already
 # told the client to continue).
-REQUEST_OWN = lower_names(hdrs.HOST, hdrs.AUTHORIZATION, hdrs.EXPECT)
-REQUEST_DROPPED = HOP_BY_HOP | REQUEST_OWN | lower_names(REQUEST_ID)
-RESPONSE_DROPPED = HOP_BY_HOP | lower_names(REQUEST_ID)
-COOKIE_REQUEST = lower_names("Cookie")
-COOKIE_RESPONSE = lower_names("Set-Cookie", "Set-Cookie2")
+REQUEST_OWN = frozenset(h.lower() for h in (hdrs.HOST, hdrs.AUTHORIZATION, hdrs.EXPECT))
+REQUEST_DROPPED = HOP_BY_HOP | REQUEST_OWN | {REQUEST_ID.lower()}
+RESPONSE_DROPPED = HOP_BY_HOP | {REQUEST_ID.lower()}
+COOKIE_REQUEST = "cookie"
+COOKIE_RESPONSE = frozenset(("set-cookie", "set-cookie2"))
 # CORS is decided by the proxy (guard.py), never by the cluster's own answer.
 CORS_PREFIX = "access-control-"
-_CORS_PREFIXES = frozenset((CORS_PREFIX, CORS_PREFIX.encode()))
+
+
+@dataclass(frozen=True, slots=True)
+class _Names:
+    """The names the rules look for, spelled as the pairs they judge (lower case). Kept apart:
+    in one set, "x" and b"x" hash alike, and every lookup would compare the two (which
+    `python -b` warns of)."""
+
+    request_dropped: frozenset[str] | frozenset[bytes]
+    response_dropped: frozenset[str] | frozenset[bytes]
+    cookie_request: str | bytes
+    cookie_response: frozenset[str] | frozenset[bytes]
+    cors_prefix: str | bytes
+    location: str | bytes
+
+
+def _encoded(names: frozenset[str]) -> frozenset[bytes]:
+    return frozenset(name.encode() for name in names)
+
+
+_TEXT = _Names(REQUEST_DROPPED, RESPONSE_DROPPED, COOKIE_REQUEST, COOKIE_RESPONSE, CORS_PREFIX,
+               "location")
+_RAW = _Names(_encoded(REQUEST_DROPPED), _encoded(RESPONSE_DROPPED), COOKIE_REQUEST.encode(),
+              _encoded(COOKIE_RESPONSE), CORS_PREFIX.encode(), b"location")
 _CORS_LENGTH = len(CORS_PREFIX)
-_LOCATION = lower_names(hdrs.LOCATION)
 
 
 Pairs = list[tuple[AnyStr, AnyStr]]
@@ -63,19 +82,23 @@ def named_in(connection_values: Iterable[str]) -> frozenset[str]:
 
 def upstream_request_pairs(
     incoming: Iterable[tuple[AnyStr, AnyStr]],
-    named: frozenset[str] | frozenset[str | bytes],
+    named: frozenset[str] | frozenset[bytes],
     *,
     forward_cookies: bool,
+    raw: bool = False,
 ) -> Pairs[AnyStr]:
     """The client's headers the cluster gets: minus hop-by-hop (and those `named` by Connection)
-    and the ones the proxy sets itself (Host, Authorization, X-Request-ID)."""
+    and the ones the proxy sets itself (Host, Authorization, X-Request-ID). `raw`: the pairs
+    (and `named`) are bytes."""
+    names = _RAW if raw else _TEXT
+    dropped, cookie = names.request_dropped, names.cookie_request
     out: Pairs[AnyStr] = []
     spelling: dict[AnyStr, AnyStr] = {}
     for name, value in incoming:
         lname = name.lower()
-        if lname in REQUEST_DROPPED or lname in named:
+        if lname in dropped or lname in named:
             continue
-        if not forward_cookies and lname in COOKIE_REQUEST:
+        if not forward_cookies and lname == cookie:
             continue
         # Repeats keep the first spelling of the name: aiohttp's client merges headers by exact
         # spelling and would let a later "x-multi" replace earlier "X-Multi" values.
@@ -102,23 +125,27 @@ def upstream_request_headers(
 
 def client_response_pairs(
     upstream: Iterable[tuple[AnyStr, AnyStr]],
-    named: frozenset[str] | frozenset[str | bytes],
+    named: frozenset[str] | frozenset[bytes],
     *,
     cluster: URL,
     proxy_base: str,
     forward_cookies: bool,
+    raw: bool = False,
 ) -> Pairs[AnyStr]:
     """The cluster's headers the client gets: minus hop-by-hop (and those `named` by
     Connection), cookies, CORS and the request id (the proxy sets its own); Location pointed
-    back at the proxy."""
+    back at the proxy. `raw`: the pairs (and `named`) are bytes."""
+    names = _RAW if raw else _TEXT
+    dropped, cors, cookies, location = (
+        names.response_dropped, names.cors_prefix, names.cookie_response, names.location)
     out: Pairs[AnyStr] = []
     for name, value in upstream:
         lname = name.lower()
-        if lname in RESPONSE_DROPPED or lname in named or lname[:_CORS_LENGTH] in _CORS_PREFIXES:
+        if lname in dropped or lname in named or lname[:_CORS_LENGTH] == cors:
             continue
-        if not forward_cookies and lname in COOKIE_RESPONSE:
+        if not forward_cookies and lname in cookies:
             continue
-        if lname in _LOCATION:
+        if lname == location:
             value = _rewrite_either(value, cluster, proxy_base)
         out.append((name, value))
     return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import re
 import socket
 import ssl
@@ -32,6 +33,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .tasks import cancel_and_wait
+
+log = logging.getLogger("squirro_proxy.http1")
 
 # Limits on the cluster's answer head, as the aiohttp session had them (max_field_size): a
 # broken or hostile cluster cannot make the proxy buffer without end.
@@ -358,7 +361,14 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head_done:
             return  # a trailer field: not relayed (aiohttp's server cannot send trailers)
-        self._fields.append((name, value))
+        fields = self._fields
+        # Both limits at once, as the fields come, so that a hostile head costs no more than
+        # them. (The size only once the head has grown that large: a length or two saved.)
+        if len(fields) >= MAX_HEADERS:
+            raise InvalidAnswer(f"it has more than {MAX_HEADERS} header fields")
+        if self._head_size > MAX_FIELD and len(name) + len(value) > MAX_FIELD:
+            raise InvalidAnswer(f"a header field is larger than {MAX_FIELD // 1024} KiB")
+        fields.append((name, value))
         lname = name.lower()
         if lname in NOTED:
             noted = self._noted
@@ -366,13 +376,6 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
-        fields = self._fields
-        # Checked once the head is in (it is within MAX_HEAD, checked between reads).
-        if len(fields) > MAX_HEADERS:
-            raise InvalidAnswer(f"it has more than {MAX_HEADERS} header fields")
-        if self._head_size > MAX_FIELD and \
-                any(len(name) + len(value) > MAX_FIELD for name, value in fields):
-            raise InvalidAnswer(f"a header field is larger than {MAX_FIELD // 1024} KiB")
         status = self._parser.get_status_code()
         if status == 101:  # the proxy forwards upgrades on the WebSocket path only
             raise InvalidAnswer("it switched protocols without being asked to")
@@ -386,7 +389,7 @@ class _Connection(asyncio.Protocol):
         if coding is not None and [c.strip().lower() for c in coding.split(b",")] != [b"chunked"]:
             # Another transfer coding (gzip, identity, ...) would reach the client undone
             # and unlabelled (Transfer-Encoding is hop-by-hop), as aiohttp's client refused it.
-            named = coding.decode("latin-1").replace(",", ", ")
+            named = coding.decode("utf-8", "surrogateescape").replace(",", ", ")
             raise InvalidAnswer(f"it uses the transfer coding {named!r}; "
                                 "only chunked can be relayed")
         # llhttp has checked the value is digits, and refused it next to Transfer-Encoding.
@@ -398,7 +401,7 @@ class _Connection(asyncio.Protocol):
         no_body = self._method == "HEAD" or status in (204, 304)
         self._until_eof = not no_body and content_length is None and not chunked
         self._head_done = True
-        answer = Answer(self, status, reason, fields, noted, content_length)
+        answer = Answer(self, status, reason, self._fields, noted, content_length)
         if self._answer is not None and not self._answer.done():
             self._answer.set_result(answer)
         elif self._listener is not None:
@@ -695,6 +698,7 @@ class ClusterPool:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._spare: asyncio.Task[None] | None = None
         self._no_spare_until = 0.0
+        self._closed = False
 
     async def request(self, method: str, target: str, headers: CIMultiDict[str],
                       body: AsyncIterator[bytes] | None, *, fresh: bool = False) -> Answer:
@@ -756,6 +760,12 @@ class ClusterPool:
             self._busy += 1
         try:
             conn = None if fresh else self._pop_idle()
+            spare = self._spare
+            if conn is None and spare is not None and not fresh:
+                # take_idle() is opening one: wait for it rather than open another, which
+                # could take the connections past the limit (by one).
+                await asyncio.wait((spare,), timeout=max(deadline - self.loop.time(), 0.0))
+                conn = self._pop_idle()
             if conn is None:
                 conn = await self._connect(deadline)
         except BaseException:
@@ -779,7 +789,7 @@ class ClusterPool:
         if conn is not None:
             self._busy += 1
             conn._in_use = True
-        elif self._spare is None and len(self._open) < self.limit and \
+        elif self._spare is None and not self._closed and len(self._open) < self.limit and \
                 self.loop.time() >= self._no_spare_until:
             self._spare = self.loop.create_task(self._open_spare())
         return conn
@@ -787,7 +797,8 @@ class ClusterPool:
     async def _open_spare(self) -> None:
         try:
             conn = await self._connect(self.loop.time() + self.connect_timeout)
-        except Exception:  # requests find out, and say what failed, on their own path
+        except Exception as exc:  # requests find out, and say what failed, on their own path
+            log.debug("a spare connection to the cluster failed: %s", exc.__class__.__name__)
             self._no_spare_until = self.loop.time() + SPARE_BACKOFF
         else:
             conn.pooled = True
@@ -882,6 +893,7 @@ class ClusterPool:
 
     async def close(self) -> None:
         """Close every connection (at shutdown, after the requests have drained)."""
+        self._closed = True
         await cancel_and_wait(self._spare)
         for conn in list(self._open):
             conn._drop()

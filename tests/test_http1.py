@@ -264,6 +264,12 @@ async def test_chunked_answer_is_relayed(
      "header field is larger than 64 KiB"),
     (b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(300)) + b"\r\n",
      "more than 256 header fields"),
+    # Fields are counted as they come: 60,000 of them (within the head limit) would cost the
+    # proxy a second of joining the values of one it reads.
+    (b"HTTP/1.1 200 OK\r\n" + b"date:x\r\n" * 60_000 + b"\r\n", "more than 256 header fields"),
+    # A large field is refused as it arrives, before the rest of the head (which never comes).
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\nX-Next: 1\r\n",
+     "header field is larger than"),
     (b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: %b\r\n" % (i, b"v" * 2000) for i in range(200)),
      "head is larger than 256 KiB"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok", ""),
@@ -272,7 +278,8 @@ async def test_chunked_answer_is_relayed(
      "switched protocols"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nzzz",
      "transfer coding 'gzip'"),
-], ids=["garbage", "huge-field", "many-fields", "huge-head", "length-and-chunked",
+], ids=["garbage", "huge-field", "many-fields", "many-noted-fields", "huge-field-unfinished-head",
+        "huge-head", "length-and-chunked",
         "two-lengths", "unasked-101", "gzip-transfer-coding"])
 async def test_invalid_answer_gives_502(
     answer: bytes, detail: str, start_proxy: StartProxy, scripted: tuple[ScriptedCluster, URL],
@@ -506,6 +513,51 @@ async def test_no_idle_connection_readies_one_for_the_next_take(
         answer.release()
         assert cluster.connections == 1
         assert [(r.connection, r.nth) for r in cluster.api()] == [(1, 1)]
+    finally:
+        await pool.close()
+
+
+async def test_the_pool_grows_when_a_connection_freed_in_time_served_the_miss(
+    scripted: tuple[ScriptedCluster, URL],
+) -> None:
+    """The express lane's miss, then the full path finding a connection freed in between (as
+    under steady load): the spare still joins the pool, which so grows to what the load needs
+    (without it, it stayed smaller than the load and kept the misses coming)."""
+    cluster, url = scripted
+    pool = ClusterPool(url, limit=4, connect_timeout=5, read_timeout=5, ssl_context=None)
+    try:
+        first = await pool.request("GET", "/api/x", CIMultiDict(), None)
+        assert pool.take_idle() is None  # the one connection is busy: a spare is opened
+        assert await first.content.readany() == b"ok"
+        first.release()
+        second = await pool.request("GET", "/api/x", CIMultiDict(), None)  # the freed one
+        assert await second.content.readany() == b"ok"
+        second.release()
+        await until(lambda: pool._spare is None)
+        assert cluster.connections == 2
+        assert [(r.connection, r.nth) for r in cluster.api()] == [(1, 1), (1, 2)]
+        taken = [pool.take_idle(), pool.take_idle()]
+        assert None not in taken
+        for conn in taken:
+            assert conn is not None
+            conn.finish(reuse=False)
+    finally:
+        await pool.close()
+
+
+async def test_a_request_waits_for_the_spare_rather_than_open_another(
+    scripted: tuple[ScriptedCluster, URL],
+) -> None:
+    """A spare under way when a request finds nothing idle: the request takes it, and the
+    connections stay within the limit (one, here)."""
+    cluster, url = scripted
+    pool = ClusterPool(url, limit=1, connect_timeout=5, read_timeout=5, ssl_context=None)
+    try:
+        assert pool.take_idle() is None  # the spare is on its way
+        answer = await pool.request("GET", "/api/x", CIMultiDict(), None)
+        assert await answer.content.readany() == b"ok"
+        answer.release()
+        assert cluster.connections == 1
     finally:
         await pool.close()
 

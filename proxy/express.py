@@ -296,7 +296,7 @@ class ExpressLane:
         self._rid = rid_bytes = rid.encode()  # ASCII, as request_id_of makes sure
         # Connection can only say keep-alive here, which names no other header.
         fields = upstream_request_pairs(self._fields, _NOTHING,
-                                        forward_cookies=up.settings.forward_cookies, raw=True)
+                                        forward_cookies=up.settings.forward_cookies)
         fields += ((_REQUEST_ID, rid_bytes), (b"Authorization", token.authorization))
         self.busy = True
         self._chunk = data
@@ -341,7 +341,7 @@ class ExpressLane:
             parts = [b"HTTP/1.1 %d %s\r\n" % (status, answer.raw_reason)]
             for name, value in client_response_pairs(
                 answer.raw_fields, named, cluster=settings.cluster,
-                proxy_base=self._proxy_base, forward_cookies=settings.forward_cookies, raw=True,
+                proxy_base=self._proxy_base, forward_cookies=settings.forward_cookies,
             ):
                 parts += (name, b": ", value, b"\r\n")
             parts += (_REQUEST_ID, b": ", self._rid, b"\r\n")

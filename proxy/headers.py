@@ -4,9 +4,10 @@ RFC 9110 section 7.6.1: hop-by-hop headers describe one connection and must not 
 nor may any header the `Connection` header names.
 
 Each direction has a core over (name, value) pairs, and a wrapper in the multidicts aiohttp
-takes and gives. The cores take str pairs (from those multidicts) or, with `raw=True`, bytes
-pairs (the express lane's, straight from the parser, which it serializes without decoding):
-one set of rules, its names spelled both ways.
+takes and gives. The cores take str pairs (from those multidicts) or bytes pairs (the express
+lane's, straight from the parser, which it serializes without decoding): one set of rules, its
+names spelled both ways, the spelling picked from the pairs themselves (a wrong pick would let
+Authorization and Cookie through).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class _Names:
     location: str | bytes
 
 
+def _names_for(pairs: list[tuple[AnyStr, AnyStr]]) -> _Names:
+    return _RAW if pairs and isinstance(pairs[0][0], bytes) else _TEXT
+
+
 def _encoded(names: frozenset[str]) -> frozenset[bytes]:
     return frozenset(name.encode() for name in names)
 
@@ -85,16 +90,16 @@ def upstream_request_pairs(
     named: frozenset[str] | frozenset[bytes],
     *,
     forward_cookies: bool,
-    raw: bool = False,
 ) -> Pairs[AnyStr]:
-    """The client's headers the cluster gets: minus hop-by-hop (and those `named` by Connection)
-    and the ones the proxy sets itself (Host, Authorization, X-Request-ID). `raw`: the pairs
-    (and `named`) are bytes."""
-    names = _RAW if raw else _TEXT
+    """The client's headers the cluster gets: minus hop-by-hop (and those `named` by Connection,
+    spelled as the pairs are) and the ones the proxy sets itself (Host, Authorization,
+    X-Request-ID)."""
+    pairs = incoming if isinstance(incoming, list) else list(incoming)
+    names = _names_for(pairs)
     dropped, cookie = names.request_dropped, names.cookie_request
     out: Pairs[AnyStr] = []
     spelling: dict[AnyStr, AnyStr] = {}
-    for name, value in incoming:
+    for name, value in pairs:
         lname = name.lower()
         if lname in dropped or lname in named:
             continue
@@ -130,16 +135,16 @@ def client_response_pairs(
     cluster: URL,
     proxy_base: str,
     forward_cookies: bool,
-    raw: bool = False,
 ) -> Pairs[AnyStr]:
     """The cluster's headers the client gets: minus hop-by-hop (and those `named` by
-    Connection), cookies, CORS and the request id (the proxy sets its own); Location pointed
-    back at the proxy. `raw`: the pairs (and `named`) are bytes."""
-    names = _RAW if raw else _TEXT
+    Connection, spelled as the pairs are), cookies, CORS and the request id (the proxy sets its
+    own); Location pointed back at the proxy."""
+    pairs = upstream if isinstance(upstream, list) else list(upstream)
+    names = _names_for(pairs)
     dropped, cors, cookies, location = (
         names.response_dropped, names.cors_prefix, names.cookie_response, names.location)
     out: Pairs[AnyStr] = []
-    for name, value in upstream:
+    for name, value in pairs:
         lname = name.lower()
         if lname in dropped or lname in named or lname[:_CORS_LENGTH] == cors:
             continue

@@ -362,8 +362,9 @@ class _Connection(asyncio.Protocol):
         if self._head_done:
             return  # a trailer field: not relayed (aiohttp's server cannot send trailers)
         fields = self._fields
-        # Both limits at once, as the fields come, so that a hostile head costs no more than
-        # them. (The size only once the head has grown that large: a length or two saved.)
+        # Both limits as llhttp hands the fields over (each once the next begins), so that a
+        # hostile head costs no more than them. (The size only once the head has grown that
+        # large: a length or two saved. A field that never ends meets MAX_HEAD, between reads.)
         if len(fields) >= MAX_HEADERS:
             raise InvalidAnswer(f"it has more than {MAX_HEADERS} header fields")
         if self._head_size > MAX_FIELD and len(name) + len(value) > MAX_FIELD:
@@ -696,7 +697,9 @@ class ClusterPool:
         self._open: set[_Connection] = set()
         self._busy = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._spare: asyncio.Task[None] | None = None
+        # The connection take_idle() is opening, and whether a request waits for it.
+        self._spare: asyncio.Task[_Connection | None] | None = None
+        self._spare_claimed = False
         self._no_spare_until = 0.0
         self._closed = False
 
@@ -760,12 +763,12 @@ class ClusterPool:
             self._busy += 1
         try:
             conn = None if fresh else self._pop_idle()
-            spare = self._spare
-            if conn is None and spare is not None and not fresh:
-                # take_idle() is opening one: wait for it rather than open another, which
-                # could take the connections past the limit (by one).
-                await asyncio.wait((spare,), timeout=max(deadline - self.loop.time(), 0.0))
-                conn = self._pop_idle()
+            if conn is None and self._spare is not None and not self._spare_claimed:
+                # take_idle() is opening one: the first request to find none idle waits for
+                # it rather than open another, which could take the pool past its limit (by
+                # one). The others connect at once, each within its slot. (A spare is new,
+                # so a `fresh` request may have it too.)
+                conn = await self._claim_spare(self._spare, deadline)
             if conn is None:
                 conn = await self._connect(deadline)
         except BaseException:
@@ -774,15 +777,31 @@ class ClusterPool:
         conn._in_use = True  # it holds the slot now: its finish() gives it back
         return conn
 
+    async def _claim_spare(self, spare: asyncio.Task[_Connection | None],
+                           deadline: float) -> _Connection | None:
+        """The spare under way, for this request alone; None if it failed or came too late
+        (it then joins the idle ones)."""
+        self._spare_claimed = True
+        try:
+            await asyncio.wait((spare,), timeout=max(deadline - self.loop.time(), 0.0))
+        except BaseException:
+            # Cancelled: a spare that came for this request goes to the pool instead.
+            self._spare_claimed = False
+            if spare.done() and not spare.cancelled() and (landed := spare.result()):
+                self._idle.insert(0, landed)
+            raise
+        self._spare_claimed = False
+        return spare.result() if spare.done() and not spare.cancelled() else None
+
     def take_idle(self) -> _Connection | None:
         """An idle connection and its slot, at once, or None (none idle, or no slot free).
 
-        When none is idle but a slot is free, one more connection is opened in the background,
-        for a later call. Why: the caller (the express lane) cannot wait, and leaves the request
-        to `request`, which connects only if no connection is idle by the time it runs; under
-        steady load one usually is (freed in between), so the pool stayed smaller than the
-        load, and a sixth of the requests missed the lane (2026-11-29: 21 connections for 32
-        clients, 25% fewer requests/s)."""
+        When none is idle but a slot is free, one more connection is opened in the background.
+        Why: the caller (the express lane) cannot wait, and leaves the request to `request`,
+        which under steady load usually finds a connection freed in between and opens none;
+        so the pool stayed smaller than the load, and a sixth of the requests missed the lane
+        (2026-11-29: 21 connections for 32 clients, 25% fewer requests/s). The spare joins
+        the idle connections, or goes to the first request that finds none idle meanwhile."""
         if self._busy >= self.limit or self._waiters:
             return None
         conn = self._pop_idle()
@@ -794,20 +813,22 @@ class ClusterPool:
             self._spare = self.loop.create_task(self._open_spare())
         return conn
 
-    async def _open_spare(self) -> None:
+    async def _open_spare(self) -> _Connection | None:
         try:
             conn = await self._connect(self.loop.time() + self.connect_timeout)
         except Exception as exc:  # requests find out, and say what failed, on their own path
-            log.debug("a spare connection to the cluster failed: %s", exc.__class__.__name__)
+            log.debug("a spare connection to the cluster failed: %s", exc)
             self._no_spare_until = self.loop.time() + SPARE_BACKOFF
-        else:
-            conn.pooled = True
-            conn.idle_since = self.loop.time()
+            return None
+        finally:
+            self._spare = None
+        conn.pooled = True
+        conn.idle_since = self.loop.time()
+        if not self._spare_claimed:
             # At the bottom: the connections used last go first, and a spare only when the
             # load needs it (otherwise it ages out, see IDLE_REUSE).
             self._idle.insert(0, conn)
-        finally:
-            self._spare = None
+        return conn
 
     def _pop_idle(self) -> _Connection | None:
         now = self.loop.time()
@@ -877,6 +898,9 @@ class ClusterPool:
             raise CertificateUntrusted(self.host, self.port, exc) from None
         except OSError as exc:
             raise CannotConnect(self.host, self.port, exc) from None
+        if self._closed:  # the pool closed meanwhile: nobody would close this one
+            conn._drop()
+            raise aiohttp.ClientConnectionError("the proxy is stopping")
         self._open.add(conn)
         return conn
 
@@ -895,6 +919,7 @@ class ClusterPool:
         """Close every connection (at shutdown, after the requests have drained)."""
         self._closed = True
         await cancel_and_wait(self._spare)
+        self._spare = None  # (cancelled before its first step, it never cleared itself)
         for conn in list(self._open):
             conn._drop()
         self._idle.clear()

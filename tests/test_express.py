@@ -365,9 +365,11 @@ async def test_a_request_left_to_aiohttp_takes_the_connection_readied_for_it(
         assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
 
     cluster.scripts["/api/held"] = held
-    before = lane.handled_by_aiohttp
+    before, connections = lane.handled_by_aiohttp, cluster.connections
     await round_of_gets()
     assert lane.handled_by_aiohttp == before + 1
+    await until(lambda: pool._spare is None)
+    assert cluster.connections == connections + 1
     assert len({r.connection for r in cluster.api("/api/held")}) == together
     await round_of_gets()
     assert lane.handled_by_aiohttp == before + 1

@@ -4,8 +4,9 @@ All on loopback, all bounded in time. nginx plays the cluster (token endpoint, s
 checks the bearer, a 1 GiB file, an upload sink that reads the whole body); the contenders are
 nginx `proxy_pass` with a hard-coded Authorization header, the naive aiohttp proxy
 (`naive_proxy.py`) and squirro-proxy, each Python one with and without uvloop. They are driven
-in turn, round after round, and the table shows medians over the rounds; ratios are taken within
-each round (neighbours in time on a noisy machine) and then their median.
+in turn, round after round (the 32-connection load in 1 s slices, taken in turn), and the table
+shows medians over the rounds; ratios are taken within each round (neighbours in time on a noisy
+machine) and then their median.
 
     python -m tests.benchmarks.run                                  # 5 rounds of 10 s loads
     python -m tests.benchmarks.run --rounds 2 --duration 3 --skip-large    # a quick look
@@ -254,19 +255,38 @@ class Bench:
             server.stop()
 
     def small(self, order: list[Server]) -> None:
+        """Each contender's load in 1 s slices, taken in turn: on a shared machine the speed
+        drifts over tens of seconds, and contenders loaded one after the other for the whole
+        duration met different stretches of it (the same build's CPU per request swung by a
+        third between rounds, 2026-11-29). In slices they share each stretch alike."""
         for server in order:
             measure.wrk(server, connections=32, duration=1)  # warm the pools up
-            cpu = server.cpu()
-            result = measure.wrk(server, connections=32, duration=self.args.duration)
+        slices = max(1, round(self.args.duration))
+        rps: dict[str, list[float]] = {server.name: [] for server in order}
+        p99: dict[str, list[float]] = {server.name: [] for server in order}
+        requests = dict.fromkeys(rps, 0)
+        cpu = dict.fromkeys(rps, 0.0)
+        for _ in range(slices):
+            for server in order:
+                before = server.cpu()
+                result = measure.wrk(server, connections=32, duration=1)
+                cpu[server.name] += server.cpu() - before
+                self._check(server, result)
+                rps[server.name].append(result.rps)
+                p99[server.name].append(result.p99_ms)
+                requests[server.name] += result.requests
+        for server in order:
+            name = server.name
+            mean_rps = statistics.fmean(rps[name])
+            slice_p99 = statistics.median(p99[name])  # per slice: wrk reports no histogram
             # CPU time per request swings less than requests/s when other work shares the
             # machine (though it still swings: see the `instructions` phase for A/B work).
-            cpu_us = (server.cpu() - cpu) / result.requests * 1e6
-            self._check(server, result)
-            self.record(server.name, "rps", result.rps)
-            self.record(server.name, "p99", result.p99_ms)
-            self.record(server.name, "cpu_us", cpu_us)
-            print(f"  small  {server.name:<18} {result.rps:9.0f} req/s  p99 "
-                  f"{result.p99_ms:6.2f} ms  {cpu_us:6.1f} CPU us/req", flush=True)
+            cpu_us = cpu[name] / requests[name] * 1e6
+            self.record(name, "rps", mean_rps)
+            self.record(name, "p99", slice_p99)
+            self.record(name, "cpu_us", cpu_us)
+            print(f"  small  {name:<18} {mean_rps:9.0f} req/s  p99 "
+                  f"{slice_p99:6.2f} ms  {cpu_us:6.1f} CPU us/req", flush=True)
 
     def instructions(self) -> None:
         for server in self.contenders():

@@ -286,7 +286,7 @@ class ExpressLane:
         up = express.upstream
         token = up.tokens.current
         now = time.monotonic()
-        if token is None or now >= token.expires_at:
+        if token is None or not token.valid(now):
             return Verdict.WHOLE  # aiohttp's path waits for it, or says why there is none
         conn = express.pool.take_idle()
         if conn is None:
@@ -309,7 +309,8 @@ class ExpressLane:
         self._sent = 0
         self._proxy_base = "http://" + host
         express.stats.in_flight += 1
-        conn.start("GET", express.pool.get_head(express.prefix + self._url, fields), self)
+        conn.start("GET", express.pool.request_head("GET", express.prefix + self._url, fields),
+                   self)
         return Verdict.TAKEN
 
     def hold(self, data: bytes) -> None:

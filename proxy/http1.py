@@ -69,6 +69,11 @@ _NO_BODY_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE"))
 AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]  # one entry of getaddrinfo's answer
 
 
+def _encoded(text: str) -> bytes:
+    """As the client's bytes were before aiohttp decoded them (what is no UTF-8 survives)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 class CannotConnect(aiohttp.ClientConnectionError):
     """No connection to the cluster (refused, unreachable, name not found)."""
 
@@ -691,8 +696,7 @@ class ClusterPool:
             host = f"[{host}]"
         if cluster.explicit_port is not None and not cluster.is_default_port():
             host += f":{cluster.port}"
-        self._host_line = f"Host: {host}\r\n"
-        self._host_line_bytes = self._host_line.encode("utf-8", "surrogateescape")
+        self._host_line = f"Host: {host}\r\n".encode("utf-8", "surrogateescape")
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
         self._busy = 0
@@ -712,8 +716,10 @@ class ClusterPool:
         chunked = body is not None and "Content-Length" not in headers
         # aiohttp sends `Content-Length: 0` for a body-less request of most methods; so do we.
         zero = body is None and method not in _NO_BODY_METHODS and "Content-Length" not in headers
-        head = self.request_head(method, target, headers.items(), chunked=chunked,
-                                 zero_length=zero)
+        head = self.request_head(
+            method, _encoded(target),
+            [(_encoded(name), _encoded(value)) for name, value in headers.items()],
+            chunked=chunked, zero_length=zero)
         deadline = self.loop.time() + self.connect_timeout
         retry = body is None and method in IDEMPOTENT and not fresh
         while True:
@@ -733,27 +739,20 @@ class ClusterPool:
                 conn.finish(reuse=False)
                 raise
 
-    def request_head(self, method: str, target: str, fields: Iterable[tuple[str, str]], *,
-                     chunked: bool = False, zero_length: bool = False) -> bytes:
-        lines = [method, " ", target, " HTTP/1.1\r\n", self._host_line]
-        for name, value in fields:
-            lines += (name, ": ", value, "\r\n")
-        if chunked:
-            lines.append("Transfer-Encoding: chunked\r\n")
-        elif zero_length:
-            lines.append("Content-Length: 0\r\n")
-        lines.append("\r\n")
-        # Header values came through aiohttp's request parser (or are the proxy's own, checked
-        # where they come from), so none can hold a line break.
-        return "".join(lines).encode("utf-8", "surrogateescape")
-
-    def get_head(self, target: bytes, fields: Iterable[tuple[bytes, bytes]]) -> bytes:
-        """request_head for a body-less GET whose target and fields are bytes (express.py's, as
-        they came from the client, checked by llhttp)."""
-        lines = [b"GET ", target, b" HTTP/1.1\r\n", self._host_line_bytes]
+    def request_head(self, method: str, target: bytes, fields: Iterable[tuple[bytes, bytes]],
+                     *, chunked: bool = False, zero_length: bool = False) -> bytes:
+        """A request's head, from bytes: the express lane's as they came from the client, the
+        full path's as aiohttp decoded them, encoded back."""
+        lines = [method.encode(), b" ", target, b" HTTP/1.1\r\n", self._host_line]
         for name, value in fields:
             lines += (name, b": ", value, b"\r\n")
+        if chunked:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        elif zero_length:
+            lines.append(b"Content-Length: 0\r\n")
         lines.append(b"\r\n")
+        # Header values came through a request parser (llhttp, or aiohttp's) or are the proxy's
+        # own, checked where they come from, so none can hold a line break.
         return b"".join(lines)
 
     async def _acquire(self, deadline: float, fresh: bool = False) -> _Connection:

@@ -24,6 +24,17 @@ from tests.scripted import Answer, Request, ScriptedCluster, ok, raw
 ERROR_HEADER = "X-Squirro-Proxy-Error"
 
 
+def pool_of(cluster: URL, *, limit: int) -> ClusterPool:
+    return ClusterPool(cluster, limit=limit, connect_timeout=5, read_timeout=5, ssl_context=None)
+
+
+async def get_ok(pool: ClusterPool) -> None:
+    """GET /api/x through `pool`, its "ok" read, and the connection handed back."""
+    answer = await pool.request("GET", "/api/x", CIMultiDict(), None)
+    assert await answer.content.readany() == b"ok"
+    answer.release()
+
+
 # --- connections ---------------------------------------------------------------------------------
 
 
@@ -492,9 +503,7 @@ async def test_requests_that_gave_up_waiting_leave_no_trace_in_the_pool(
     answer = await first
     assert await answer.content.readany() == b"ok"
     answer.release()
-    second = await pool.request("GET", "/api/x", CIMultiDict(), None)
-    assert await second.content.readany() == b"ok"
-    second.release()
+    await get_ok(pool)
     await pool.close()
 
 
@@ -504,14 +513,12 @@ async def test_no_idle_connection_readies_one_for_the_next_take(
     """take_idle() cannot wait: finding none idle, it opens one in the background, which the
     next request finds; a request sent on it is the connection's first."""
     cluster, url = scripted
-    pool = ClusterPool(url, limit=4, connect_timeout=5, read_timeout=5, ssl_context=None)
+    pool = pool_of(url, limit=4)
     try:
         assert pool.take_idle() is None
         assert pool.take_idle() is None  # one at a time: still the one under way
         await until(lambda: cluster.connections == 1 and pool._spare is None)
-        answer = await pool.request("GET", "/api/x", CIMultiDict(), None)
-        assert await answer.content.readany() == b"ok"
-        answer.release()
+        await get_ok(pool)
         assert cluster.connections == 1
         assert [(r.connection, r.nth) for r in cluster.api()] == [(1, 1)]
     finally:
@@ -525,15 +532,13 @@ async def test_the_pool_grows_when_a_connection_freed_in_time_served_the_miss(
     under steady load): the spare still joins the pool, which so grows to what the load needs
     (without it, it stayed smaller than the load and kept the misses coming)."""
     cluster, url = scripted
-    pool = ClusterPool(url, limit=4, connect_timeout=5, read_timeout=5, ssl_context=None)
+    pool = pool_of(url, limit=4)
     try:
         first = await pool.request("GET", "/api/x", CIMultiDict(), None)
         assert pool.take_idle() is None  # the one connection is busy: a spare is opened
         assert await first.content.readany() == b"ok"
         first.release()
-        second = await pool.request("GET", "/api/x", CIMultiDict(), None)  # the freed one
-        assert await second.content.readany() == b"ok"
-        second.release()
+        await get_ok(pool)  # the freed one
         await until(lambda: pool._spare is None)
         assert cluster.connections == 2
         assert [(r.connection, r.nth) for r in cluster.api()] == [(1, 1), (1, 2)]
@@ -552,12 +557,10 @@ async def test_a_request_waits_for_the_spare_rather_than_open_another(
     """A spare under way when a request finds nothing idle: the request takes it, and the
     connections stay within the limit (one, here)."""
     cluster, url = scripted
-    pool = ClusterPool(url, limit=1, connect_timeout=5, read_timeout=5, ssl_context=None)
+    pool = pool_of(url, limit=1)
     try:
         assert pool.take_idle() is None  # the spare is on its way
-        answer = await pool.request("GET", "/api/x", CIMultiDict(), None)
-        assert await answer.content.readany() == b"ok"
-        answer.release()
+        await get_ok(pool)
         assert cluster.connections == 1
     finally:
         await pool.close()
@@ -569,7 +572,7 @@ async def test_only_the_first_request_waits_for_the_spare(
     """Two requests find nothing idle while a spare is under way: one takes the spare, the
     other opens its own at once; neither connection is lost."""
     cluster, url = scripted
-    pool = ClusterPool(url, limit=3, connect_timeout=5, read_timeout=5, ssl_context=None)
+    pool = pool_of(url, limit=3)
     try:
         assert pool.take_idle() is None
         answers = await asyncio.gather(
@@ -589,7 +592,7 @@ async def test_a_spare_that_came_for_a_cancelled_request_joins_the_pool(
     """The request that waited for the spare is cancelled just as it lands: the connection
     is not lost, the next request takes it."""
     cluster, url = scripted
-    pool = ClusterPool(url, limit=2, connect_timeout=5, read_timeout=5, ssl_context=None)
+    pool = pool_of(url, limit=2)
     try:
         assert pool.take_idle() is None
         spare = pool._spare
@@ -601,9 +604,7 @@ async def test_a_spare_that_came_for_a_cancelled_request_joins_the_pool(
         with pytest.raises(asyncio.CancelledError):
             await waiting
         assert spare.result() is not None and len(pool._idle) == 1 and pool._busy == 0
-        answer = await pool.request("GET", "/api/x", CIMultiDict(), None)
-        assert await answer.content.readany() == b"ok"
-        answer.release()
+        await get_ok(pool)
         assert cluster.connections == 1
     finally:
         await pool.close()
